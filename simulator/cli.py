@@ -22,7 +22,13 @@ from simulator import display, prompts
 from simulator.errors import UserError
 from simulator.experiment import Experiment, load_experiment, save_experiment
 from simulator.grid import Grid, make_grid
-from simulator.runner import BatchReport, RunOptions, resume_batch, start_batch
+from simulator.runner import (
+    BatchReport,
+    RunOptions,
+    options_from_settings,
+    resume_batch,
+    start_batch,
+)
 from simulator.store import Store, duplicate_experiment
 
 app = typer.Typer(
@@ -273,30 +279,14 @@ def grid_table(grid: Grid) -> Table:
 def run_options(
     concurrency: int | None, max_failures: str | None, plain: bool, *, manual: bool = False
 ) -> RunOptions:
-    """Options of `run` and `resume`. `manual`: the grid has manual speaker selection.
-
-    Besides the flags: SIMULATOR_CONCURRENCY and the SIMULATOR_RETRY_* settings.
-    """
+    """Options of `run` and `resume`. `manual`: the grid has manual speaker selection."""
     from simulator.interactive import manual_chooser
-    from simulator.llm.retry import RetryPolicy
     from simulator.settings import load_settings
 
-    if concurrency is not None and concurrency < 1:
-        raise UserError(f"--concurrency must be at least 1 (got {concurrency}).")
-    settings = load_settings()
-    if concurrency is None:
-        concurrency = settings.concurrency
-    if manual:
-        concurrency = 1  # one conversation at a time when the user picks the speakers
-    retry = RetryPolicy(
-        attempts=settings.retry_attempts,
-        base_delay=settings.retry_base_delay,
-        max_delay=settings.retry_max_delay,
-    )
-    return RunOptions(
+    return options_from_settings(
+        load_settings(),
         concurrency=concurrency,
         max_failures=max_failures,
-        retry=retry,
         manual=manual_chooser() if manual and sys.stdin.isatty() else None,
         on_warning=lambda w: err.print(f"[yellow]Warning:[/] {w}", markup=True),
     )

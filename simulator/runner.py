@@ -41,6 +41,7 @@ from simulator.experiment import Experiment, ModelSpec
 from simulator.grid import Grid
 from simulator.llm.registry import ModelPool, endpoint_key, preflight
 from simulator.llm.retry import RetryPolicy
+from simulator.settings import Settings
 from simulator.store import BatchRecord, ConversationRecord, Store
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,36 @@ class RunOptions:
     on_warning: Callable[[str], None] | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     grace: float = 5.0  # seconds calls in flight get to finish once the batch stops
+
+
+def options_from_settings(
+    settings: Settings,
+    *,
+    concurrency: int | None = None,
+    max_failures: str | None = None,
+    manual: ManualChooser | None = None,
+    on_warning: Callable[[str], None] | None = None,
+) -> RunOptions:
+    """The options every front end (CLI and menus) runs a batch with: the flags given, then
+    SIMULATOR_CONCURRENCY and the SIMULATOR_RETRY_* settings. With a manual speaker
+    chooser, one conversation at a time (the user picks every speaker)."""
+    if concurrency is not None and concurrency < 1:
+        raise UserError(f"--concurrency must be at least 1 (got {concurrency}).")
+    if concurrency is None:
+        concurrency = settings.concurrency
+    if manual is not None:
+        concurrency = 1
+    return RunOptions(
+        concurrency=concurrency,
+        max_failures=max_failures,
+        retry=RetryPolicy(
+            attempts=settings.retry_attempts,
+            base_delay=settings.retry_base_delay,
+            max_delay=settings.retry_max_delay,
+        ),
+        manual=manual,
+        on_warning=on_warning,
+    )
 
 
 class Interrupted(SimulatorError):

@@ -13,7 +13,8 @@ from simulator.experiment import SPEAKER_METHODS, Experiment
 from simulator.grid import make_grid
 from simulator.interactive.questions import Choice, PullBar, Questions, manual_chooser
 from simulator.interactive.wizard import llm_title
-from simulator.runner import RunOptions, start_batch
+from simulator.runner import options_from_settings, start_batch
+from simulator.settings import load_settings
 from simulator.store import Store
 
 
@@ -62,9 +63,8 @@ def run_conversations(store: Store, q: Questions, exp: Experiment) -> None:
         q.say("Not started.")
         return
     manual = "manual" in grid.speakers
-    options = RunOptions(
-        # one conversation at a time when the user picks the speakers
-        concurrency=1 if manual else None,
+    options = options_from_settings(
+        load_settings(),
         manual=manual_chooser(input=q.input, output=q.output) if manual else None,
         on_warning=lambda w: q.say(f"Warning: {w}", style="yellow"),
     )
