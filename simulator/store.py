@@ -714,14 +714,17 @@ class Store:
         *,
         created_at: datetime | None = None,
         total: int | None = None,
+        note: str = "",
     ) -> None:
-        """Record the prototype id an imported record came from, and its original date."""
+        """Record the prototype id an imported record came from, its original date and note."""
         assert kind in self._IMPORTABLE
         changes: dict[str, Any] = {"legacy_id": legacy_id}
         if isinstance(created_at, datetime):
             changes["created_at"] = created_at
         if total is not None:
             changes["total"] = total
+        if note:
+            changes["note"] = note
         self.db[kind].update_one({"_id": our_id}, {"$set": changes})
 
 

@@ -1,9 +1,11 @@
-"""import-legacy (issue 6): a database in the prototype's exact shapes, imported twice."""
+"""import-legacy: a database in the prototype's real shapes (tests/legacy_fixture.py),
+imported through the CLI, checked through the store, imported again without duplicates."""
 
 from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Any
 
 import pytest
 from bson import ObjectId
@@ -12,177 +14,214 @@ from typer.testing import CliRunner
 from simulator import legacy
 from simulator.cli import app
 from simulator.store import Store
-
-START = "Start the experiment"
-DAY1_SUMMARY = "The prisoners asked for an extra hour; Guard_117 refused."
+from tests import legacy_fixture as fx
 
 
 @pytest.fixture
 def prototype(mongo_client):
-    """A database written the way the prototype wrote it."""
+    """A second database on the shared test server, written the way the prototype wrote it."""
     source = mongo_client[f"proto_{uuid.uuid4().hex[:10]}"]
-
-    def message(day, index, role, speaker, content):
-        doc = {"_id": ObjectId(), "day": day, "index": index, "role": role,
-               "speaker": speaker, "content": content}  # fmt: skip
-        source.messages.insert_one(doc)
-        return doc["_id"]
-
-    def conversation(messages, **fields):
-        doc = {"_id": ObjectId(), "messages_ids": messages, **fields}
-        source.conversations.insert_one(doc)
-        return doc["_id"]
-
-    two_days = conversation(
-        [
-            message(1, 0, "researcher", "Researcher", START),
-            message(1, 1, "guard", "Guard_117", "Back to your cells."),
-            message(1, 2, "prisoner", "Prisoner_221", "One more hour, please."),
-            message(2, 0, "researcher", "Researcher", f"{START}\nDay 1 summary:\n{DAY1_SUMMARY}"),
-            message(2, 1, "guard", "Guard_117", "Still no."),
-            message(2, 2, "prisoner", "Prisoner_221", "Then we wait."),
-        ],
-        llm="llama3", n_messages=6, days=2, speaker_selection_method="round_robin",
-        agent_combination={"guard": 1, "prisoner": 1}, creator="bob",
-        created_at=datetime(2024, 5, 2, 10, 0),
-    )  # fmt: skip
-    three_agents = conversation(
-        [
-            message(1, 0, "researcher", "Researcher", START),
-            message(1, 1, "Guard", "Guard_005", "Quiet."),
-            message(1, 2, "Prisoner", "Prisoner_310", "We want the yard."),
-            message(1, 3, "Prisoner", "Prisoner_042", "Just one hour."),
-        ],
-        llm="gpt-4o-mini", n_messages=4, days=1, speaker_selection_method="random",
-        agent_combination={"guard": 1, "prisoner": 2}, creator="carol",
-        summaries=["The guard kept the yard closed."],
-    )  # fmt: skip
-    missing = ObjectId()
-    cut_short = conversation(
-        [message(1, 0, "researcher", "Researcher", START), missing],
-        llm="llama3", n_messages=5, days=2, speaker_selection_method="auto",
-        agent_combination={"guard": 1, "prisoner": 1},
-    )  # fmt: skip
-    orphan_conversation = conversation([], llm="llama3", n_messages=3, days=1)
-    orphan_message = message(1, 1, "guard", "Guard_999", "Nobody lists me.")
-    ghost = ObjectId()
-    source.experiments.insert_one({
-        "_id": ObjectId(), "name": "prison", "note": "first pilot", "favourite": True,
-        "starting_message": START,
-        "llms": ["llama3", {"model": "gpt-4o-mini", "temperature": 0.5, "top_p": 0.9}],
-        "roles": ["guard", "prisoner"],
-        "sections": {
-            "guard": {"starting_prompt": "You are a <GUARD_NOUN>.", "goal": "Keep order."},
-            "prisoner": {"starting_prompt": "You are a prisoner.", "goal": "Get yard time."},
-            "shared": {"environment": "There <GUARD_VERB_BE> <GUARD_NUM> <GUARD_NOUN>."},
-            "summarizer": {"starting_prompt": "Summarize the day."},
-        },
-        "creator": "bob", "created_at": datetime(2024, 5, 1, 9, 30),
-        "conversation_ids": [two_days, three_agents, cut_short, ghost],
-    })  # fmt: skip
-    source.experiments.insert_one({
-        "_id": ObjectId(), "name": "broken", "starting_message": START, "llms": ["llama3"],
-        "roles": ["guard"], "sections": {"guard": {"starting_prompt": "A <WARDEN_NUM> tag."}},
-        "conversation_ids": [],
-    })  # fmt: skip
-    ids = {
-        "two_days": str(two_days), "three_agents": str(three_agents),
-        "cut_short": str(cut_short), "missing": str(missing), "ghost": str(ghost),
-        "orphan_conversation": str(orphan_conversation), "orphan_message": str(orphan_message),
-    }  # fmt: skip
+    ids = fx.build(source)
     yield source, ids
     mongo_client.drop_database(source.name)
 
 
-def _counts(store: Store) -> dict[str, int]:
-    convs = store.list_conversations()
-    return {
-        "experiments": len(store.list_experiments()),
-        "batches": len(store.list_batches()),
-        "conversations": len(convs),
-        "messages": sum(len(store.load_transcript(c.id).messages) for c in convs),
-        "summaries": sum(len(store.load_transcript(c.id).summaries) for c in convs),
-    }
+def _rows(db) -> dict[str, int]:
+    """Documents in every collection the import writes to."""
+    names = ("experiments", "batches", "conversations", "messages", "summaries")
+    return {name: db[name].count_documents({}) for name in names}
 
 
-def test_import_twice_recovers_summaries_and_duplicates_nothing(prototype, db):
-    source, ids = prototype
-    store = Store.open(db, "alice")
-    report = legacy.import_legacy(store, source)
-    assert (report.experiments, report.conversations, report.messages) == (1, 3, 7)
-    assert report.summaries == 2 and report.missing_last_summaries == 2
-    assert report.incomplete == 1
-    problems = "\n".join(report.problems)
-    for what in ("ghost", "missing", "orphan_conversation", "orphan_message"):
-        assert ids[what] in problems, what
-    assert "broken" in problems and "WARDEN_NUM" in problems  # invalid: skipped, reported
-    first = _counts(store)
-    assert first == {"experiments": 1, "batches": 1, "conversations": 3, "messages": 7,
-                     "summaries": 2}  # fmt: skip
-
-    again = legacy.import_legacy(store, source)
-    assert (again.experiments, again.conversations, again.messages) == (0, 0, 0)
-    assert (again.experiments_present, again.conversations_present) == (1, 3)
-    assert _counts(store) == first
-
-    (row,) = store.list_experiments()
-    exp = row.experiment
-    assert (exp.name, exp.note, exp.favourite, exp.creator) == (
-        "prison",
-        "first pilot",
-        True,
-        "bob",
+def _import(runner, env, mongo_server, source):
+    result = runner.invoke(
+        app, ["import-legacy", "--uri", mongo_server, "--db", source.name], env=env
     )
-    assert exp.created_at == datetime(2024, 5, 1, 9, 30)
-    assert exp.starting_message == START
-    assert [r.name for r in exp.roles] == ["guard", "prisoner"]
-    assert exp.role("guard").sections == {"starting_prompt": "You are a <GUARD_NOUN>.",
-                                          "goal": "Keep order."}  # fmt: skip
-    assert exp.shared_sections == {"environment": "There <GUARD_VERB_BE> <GUARD_NUM> <GUARD_NOUN>."}
-    assert exp.summarizer.sections == {"starting_prompt": "Summarize the day."}
-    gpt = exp.find_llm("gpt-4o-mini")
-    assert gpt is not None and (gpt.provider, gpt.temperature, gpt.top_p) == ("openai", 0.5, 0.9)
+    assert result.exit_code == 0, result.output
+    return result.output
 
-    imported = store.imported("conversations")
-    assert set(imported) == {ids["two_days"], ids["three_agents"], ids["cut_short"]}
-    (batch,) = store.list_batches()
-    assert batch.status == "completed" and batch.total == 3 and batch.creator == "bob"
 
-    rec = store.get_conversation(imported[ids["two_days"]])
-    assert rec.batch_id == batch.id and rec.index == 0 and rec.status == "completed"
-    assert (rec.spec.llm.label, rec.spec.days, rec.spec.messages) == ("ollama/llama3:latest", 2, 4)
-    assert rec.spec.agents == {"guard": 1, "prisoner": 1} and rec.spec.speaker == "round_robin"
-    assert rec.creator == "bob" and rec.created_at == datetime(2024, 5, 2, 10, 0)
-    assert [(a.name, a.role) for a in rec.agents] == [("Guard_117", "guard"),
-                                                      ("Prisoner_221", "prisoner")]  # fmt: skip
-    assert rec.agents[0].system_prompt.startswith("You are a guard.\n\n## Goal\n\nKeep order.")
-    assert "There is 1 guard." in rec.agents[0].system_prompt
-    t = store.load_transcript(rec.id)
+def test_import_of_the_prototypes_database(prototype, settings, env_for, mongo_server, db):
+    source, ids = prototype
+    runner, env = CliRunner(), env_for(settings)
+    output = _import(runner, env, mongo_server, source)
+    rows = _rows(db)
+    assert rows == {"experiments": 2, "batches": 2, "conversations": 4, "messages": 16,
+                    "summaries": 3}  # fmt: skip
+    assert rows["messages"] == ids.messages
+    assert "Experiments: 2 imported" in output and "Conversations: 4 imported" in output
+
+    again = _import(runner, env, mongo_server, source)
+    assert _rows(db) == rows  # nothing imported twice
+    assert "Experiments: 0 imported, 2 already there" in again
+    assert "Conversations: 0 imported, 4 already there" in again
+
+    store = Store(db, "alice")
+    imported = store.imported("experiments")
+    assert set(imported) == {ids.prison, ids.negotiation}
+    prison = store.get_experiment(imported[ids.prison])
+    assert prison.name == "guards-and-prisoners-risk-scenario"  # the note's first words
+    assert (prison.note, prison.favourite, prison.creator) == (fx.PRISON_NOTE, True, "marco")
+    assert prison.created_at == datetime(2024, 5, 1, 9, 30)
+    assert prison.starting_message == fx.START
+    assert [r.name for r in prison.roles] == ["guard", "prisoner"]
+    # human titles become keys, in index order; tags as this tool writes them
+    assert prison.role("guard").sections == {
+        "starting_prompt": fx.GUARD_START.replace("<GUARD_VERB_be>", "<GUARD_VERB_BE>"),
+        "goal": "Keep order without violence.",
+    }
+    assert list(prison.role("prisoner").sections) == ["starting_prompt", "goal"]
+    assert prison.shared_sections == {"communication_rules": fx.RULES,
+                                      "research_oversight": "A researcher watches."}  # fmt: skip
+    assert list(prison.shared_sections) == ["communication_rules", "research_oversight"]
+    assert list(prison.summarizer.sections) == ["starting_prompt", "format"]
+    assert [(s.label, s.temperature, s.top_k, s.top_p) for s in prison.llms] == [
+        ("ollama/llama3:latest", 0.7, 40, 0.9),
+        ("ollama/gemma:2b", 0.5, 20, 0.8),
+    ]
+    negotiation = store.get_experiment(imported[ids.negotiation])
+    assert negotiation.name == f"legacy-{ids.negotiation[:8]}"  # no note: named by its id
+    assert negotiation.creator == "giulia"
+
+    convs = store.imported("conversations")
+    assert set(convs) == set(ids.conversations.values())
+    (batch,) = store.list_batches(prison.id)
+    assert (batch.status, batch.total, batch.creator) == ("completed", 3, "marco")
+
+    c1 = store.get_conversation(convs[ids.conversations["c1"]])
+    assert (c1.batch_id, c1.index, c1.status) == (batch.id, 0, "completed")
+    assert (c1.creator, c1.created_at) == ("marco", datetime(2024, 5, 2, 10, 0))
+    assert (c1.favourite, c1.note) == (True, "calm one")
+    assert (c1.spec.llm.label, c1.spec.llm.temperature, c1.spec.days) == (
+        "ollama/llama3:latest", 0.7, 2)  # fmt: skip
+    assert c1.spec.messages == 4  # n_messages=6 over 2 days: each day's opening took a round
+    assert c1.spec.agents == {"guard": 1, "prisoner": 1} and c1.spec.speaker == "round_robin"
+    assert [(a.name, a.role) for a in c1.agents] == [("Guard_117", "guard"),
+                                                     ("Prisoner_221", "prisoner")]  # fmt: skip
+    assert c1.agents[0].system_prompt.startswith(
+        "You are a guard in a simulated prison. There is 1 guard and 1 prisoner."
+        "\n\n## Goal\n\nKeep order without violence."
+    )
+    assert "## Communication rules\n\nAnswer in at most 2 sentences. There are 2 roles." in (
+        c1.agents[0].system_prompt
+    )
+    t = store.load_transcript(c1.id)
     assert [(m.day, m.turn, m.speaker, m.role, m.content) for m in t.messages] == [
         (1, 1, "Guard_117", "guard", "Back to your cells."),
         (1, 2, "Prisoner_221", "prisoner", "One more hour, please."),
         (2, 1, "Guard_117", "guard", "Still no."),
         (2, 2, "Prisoner_221", "prisoner", "Then we wait."),
     ]
-    # day 1's summary came from day 2's starting message; day 2's was never stored
-    assert [(s.day, s.content) for s in t.summaries] == [(1, DAY1_SUMMARY)]
+    # day 1's summary came from day 2's opening; the last day's was never stored
+    assert [(s.day, s.content) for s in t.summaries] == [(1, fx.SUMMARIES["c1"][0])]
 
-    rec = store.get_conversation(imported[ids["three_agents"]])
-    assert rec.spec.llm.label == "openai/gpt-4o-mini" and rec.spec.llm.temperature == 0.5
-    assert [a.role for a in rec.agents] == ["guard", "prisoner", "prisoner"]  # roles normalised
-    t = store.load_transcript(rec.id)
-    assert [s.content for s in t.summaries] == ["The guard kept the yard closed."]
+    c2 = store.get_conversation(convs[ids.conversations["c2"]])
+    assert (c2.index, c2.creator, c2.spec.speaker) == (1, "giulia", "random")
+    assert (c2.spec.llm.label, c2.spec.llm.top_k) == ("ollama/gemma:2b", 20)
+    assert c2.spec.agents == {"guard": 1, "prisoner": 2} and c2.spec.messages == 6
+    assert [a.name for a in c2.agents] == ["Guard_005", "Prisoner_310", "Prisoner_042"]
+    assert "There is 1 guard and 2 prisoners." in c2.agents[0].system_prompt
+    t = store.load_transcript(c2.id)
+    assert [(m.day, m.turn, m.speaker) for m in t.messages][3:] == [
+        (2, 1, "Prisoner_042"), (2, 2, "Guard_005"), (2, 3, "Prisoner_310")]  # fmt: skip
+    assert [s.content for s in t.summaries] == [fx.SUMMARIES["c2"][0]]
 
-    rec = store.get_conversation(imported[ids["cut_short"]])
-    assert rec.status == "incomplete" and "0 agent message(s) of 3" in (rec.error or "")
-    assert rec.status not in ("pending", "running", "interrupted", "failed")  # never resumed
+    c3 = store.get_conversation(convs[ids.conversations["c3"]])
+    assert c3.status == "incomplete" and "2 agent message(s) of 3" in (c3.error or "")
+
+    n1 = store.get_conversation(convs[ids.conversations["n1"]])
+    assert n1.experiment_id == negotiation.id and n1.spec.agents == {"buyer": 1, "seller": 1}
+    assert len(store.load_transcript(n1.id).messages) == 4
+
+    problems = [line for line in output.splitlines() if line.startswith("Problem:")]
+    text = "\n".join(problems)
+    for what in (ids.ghost, ids.missing_message, ids.orphan_conversation, ids.orphan_message):
+        assert what in text, what
+    assert len(problems) == 4  # one line per problem, nothing else
+    assert "Note:" in output and "<GUARD_VERB_BE>" in output  # verb agreement differs
+
+
+def test_the_problem_report_is_one_readable_line_per_problem(prototype, db):
+    """A role without a usable name, an untitled section, a bad LLM: named, never dumped."""
+    source, _ = prototype
+    role = {"name": {"first": "guard"}, "sections": [], "placeholders": []}
+    bad = {
+        "_id": ObjectId(), "starting_message": fx.START, "note": "broken", "favourite": False,
+        "creator": "marco", "creation_date": datetime(2024, 7, 1),
+        "llms": [{**fx.LLAMA, "temperature": 7.5}],
+        "roles": [role, {"name": "prison guard", "sections": [
+            fx.section(0, "Starting prompt", "x " * 500, "Private", "prison guard")],
+            "placeholders": []}],
+        "shared_sections": [fx.section(0, "", "Untitled but kept.", "Shared")],
+        "summarizer_sections": "not a list", "placeholders": [], "conversation_ids": [],
+    }  # fmt: skip
+    source.experiments.insert_one(bad)
+    report = legacy.import_legacy(Store.open(db, "alice"), source)
+    lines = [p for p in report.problems if str(bad["_id"]) in p]
+    assert len(lines) >= 4
+    for line in lines:
+        assert "\n" not in line and len(line) < 300, line
+        assert "{" not in line and "x x x x" not in line, line  # no document, no content
+    text = "\n".join(lines)
+    assert "roles[0] has no name (got a document)" in text
+    assert "prison guard" in text and "temperature" in text and "summarizer_sections" in text
+    assert f"experiment {bad['_id']} is not valid here; skipped" in text
+    assert report.experiments == 2  # the others still came in
+
+
+@pytest.mark.parametrize(
+    ("title", "key"),
+    [
+        ("Starting prompt", "starting_prompt"),
+        ("Communication rules", "communication_rules"),
+        ("  Rules: do's & don'ts ", "rules_do_s_don_ts"),
+        ("Obiettivo è chiaro", "obiettivo_e_chiaro"),
+        ("2nd phase", "section_2nd_phase"),
+        ("", "section"),
+        (None, "section"),
+    ],
+)
+def test_section_titles_become_keys(title, key):
+    assert legacy.section_key(title, set()) == key
+
+
+def test_repeated_titles_stay_apart():
+    taken: set[str] = set()
+    assert [legacy.section_key("Goal", taken) for _ in range(3)] == ["goal", "goal_2", "goal_3"]
+
+
+@pytest.mark.parametrize(
+    ("text", "declared", "expected", "undeclared"),
+    [
+        ("There <GUARD_VERB_be> <GUARD_NUM>", {"<GUARD_VERB_be>", "<GUARD_NUM>"},
+         "There <GUARD_VERB_BE> <GUARD_NUM>", set()),
+        ("<AGENTS_NUM> agents", {"<AGENTS_NUM>"}, "<AGENTS_NUM> agents", set()),
+        ("<GUARD_PRON> speaks", set(), "<GUARD_PRON> speaks", {"<GUARD_PRON>"}),
+        ("a <b>bold</b> a < b", set(), "a <b>bold</b> a < b", set()),
+    ],
+)  # fmt: skip
+def test_prototype_tags_are_written_as_this_tools(text, declared, expected, undeclared):
+    mapping = legacy.TagMapping()
+    assert legacy.map_tags(text, ["guard"], declared, mapping) == expected
+    assert mapping.undeclared == undeclared and not mapping.unmapped
+
+
+def test_openings_give_back_the_summaries():
+    opening = f"{fx.START}\nDay 1 summary:\n First.\nDay 2 summary:\n Second,\non two lines."
+    assert legacy.split_opening(opening) == (fx.START, {1: "First.", 2: "Second,\non two lines."})
+    assert legacy.split_opening(f"{fx.START}\nDay 1 summary: Same line.")[1] == {1: "Same line."}
+
+
+def test_expected_messages_count_each_opening_as_a_round():
+    assert [legacy.expected_messages(n, d) for n, d in [(6, 2), (8, 2), (20, 1), (7, 2)]] == [
+        4, 6, 19, 4]  # fmt: skip
+    assert legacy.expected_messages(None, 2) == 0
 
 
 def test_an_interrupted_import_is_completed_by_the_next_run(prototype, db, monkeypatch):
     source, ids = prototype
     store = Store.open(db, "alice")
     real = Store.finish_conversation
-    calls = []
+    calls: list[Any] = []
 
     def crash_on_second(self, conv_id, *args, **kwargs):
         calls.append(conv_id)
@@ -195,31 +234,24 @@ def test_an_interrupted_import_is_completed_by_the_next_run(prototype, db, monke
         legacy.import_legacy(store, source)
     monkeypatch.setattr(Store, "finish_conversation", real)
     report = legacy.import_legacy(store, source)
-    assert (report.experiments, report.experiments_present) == (0, 1)
-    assert (report.conversations, report.conversations_present) == (2, 1)
-    assert _counts(store)["messages"] == 7 and _counts(store)["conversations"] == 3
+    assert (report.experiments, report.experiments_present) == (1, 1)
+    assert (report.conversations, report.conversations_present) == (3, 1)
+    assert _rows(db) == {"experiments": 2, "batches": 2, "conversations": 4, "messages": 16,
+                         "summaries": 3}  # fmt: skip
 
 
-def test_import_legacy_command(prototype, settings, env_for, mongo_server, db):
-    from simulator import cli_results
-
-    if not any(c.name == "import-legacy" for c in app.registered_commands):
-        cli_results.register(app)  # until cli.py registers the commands itself
+def test_import_legacy_refuses_wrong_sources(prototype, settings, env_for, mongo_server, db):
     source, _ = prototype
     runner = CliRunner()
     env = env_for(settings)
-    for _ in range(2):
-        result = runner.invoke(
-            app, ["import-legacy", "--uri", mongo_server, "--db", source.name], env=env
-        )
-        assert result.exit_code == 0, result.output
-        assert _counts(Store(db, "alice"))["conversations"] == 3
     # the simulator's own database is never a source; an unknown one is named
     for name in (db.name, "no_such_db"):
         result = runner.invoke(app, ["import-legacy", "--uri", mongo_server, "--db", name], env=env)
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+        assert name in result.output
     closed = runner.invoke(
         app, ["import-legacy", "--uri", "mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=300",
               "--db", source.name], env=env,
     )  # fmt: skip
-    assert closed.exit_code == 1
+    assert closed.exit_code == 1 and "Cannot reach" in closed.output
+    assert _rows(db)["experiments"] == 0
