@@ -602,8 +602,8 @@ def _experiment(
         )
     if tags.verbs:
         report.notes.append(
-            f"{where} ('{exp.name}'): verb tags ({', '.join(sorted(tags.verbs))}) now agree with the number "
-            "of agents (one guard is, several are); the prototype reversed them."
+            f"{where} ('{exp.name}'): verb tags ({', '.join(sorted(tags.verbs))}) now agree "
+            "with the number of agents (one guard is, several are); the prototype reversed them."
         )
     if tags.literal:
         report.notes.append(
