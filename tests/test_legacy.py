@@ -11,7 +11,7 @@ import pytest
 from bson import ObjectId
 from typer.testing import CliRunner
 
-from simulator import legacy
+from simulator import legacy, placeholders, prompts
 from simulator.cli import app
 from simulator.store import Store
 from tests import legacy_fixture as fx
@@ -166,6 +166,32 @@ def test_the_problem_report_is_one_readable_line_per_problem(prototype, db):
     assert "prison guard" in text and "temperature" in text and "summarizer_sections" in text
     assert f"experiment {bad['_id']} is not valid here; skipped" in text
     assert report.experiments == 2  # the others still came in
+
+
+def test_literal_angle_text_is_kept_or_reported(prototype, db):
+    """`<END>` was plain text for the prototype (it replaced only declared tags)."""
+    source, _ = prototype
+    doc = {
+        "_id": ObjectId(), "starting_message": fx.START, "note": "literal", "favourite": False,
+        "creator": "marco", "creation_date": datetime(2024, 7, 1), "llms": [fx.LLAMA],
+        "roles": [{"name": "guard", "placeholders": ["<GUARD_NUM>"], "sections": [
+            fx.section(0, "Starting prompt", "End with <END>. <GUARD_NUM> here.", "Private",
+                       "guard")]}],
+        "shared_sections": [], "summarizer_sections": [], "placeholders": [],
+        "conversation_ids": [],
+    }  # fmt: skip
+    source.experiments.insert_one(doc)
+    store = Store.open(db, "alice")
+    report = legacy.import_legacy(store, source)
+    where = f"experiment {doc['_id']}"
+    if hasattr(placeholders, "escape"):  # item 15's escape: kept as literal text
+        exp = store.get_experiment(store.imported("experiments")[str(doc["_id"])])
+        assert prompts.agent_prompt(exp, "guard", {"guard": 1}) == "End with <END>. 1 here."
+        assert any(where in n and "<END>" in n for n in report.notes)
+    else:  # without one the experiment cannot be stored as written: said in one line
+        assert report.experiments == 2 and str(doc["_id"]) not in store.imported("experiments")
+        (line,) = [p for p in report.problems if where in p and "<END>" in p]
+        assert "cannot be written here" in line and "GUARD_NUM" not in line
 
 
 @pytest.mark.parametrize(
