@@ -63,3 +63,11 @@ class ScriptExhausted(ProviderError):
 
 class StorageError(UserError):
     """MongoDB is unreachable, refuses us, or went away."""
+
+
+class LeaseLost(StorageError):
+    """Another process took over the batch (or the run ended): this run writes nothing more."""
+
+
+class RecordTooLarge(UserError):
+    """A record (message, summary, conversation) is over MongoDB's 16 MB document limit."""
