@@ -547,7 +547,8 @@ class _BatchRun:
         counts = store.batch_counts(batch.id)
         unfinished = sum(n for s, n in counts.items() if s != ConversationStatus.COMPLETED)
         reason = self.reason
-        if self.interrupted:
+        if self.interrupted or (self.stop.is_set() and not reason):
+            # Ctrl-C, kill, or a front end setting options.stop
             status, reason = BatchStatus.INTERRUPTED, "interrupted"
         elif reason:
             status = BatchStatus.STOPPED
