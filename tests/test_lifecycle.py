@@ -495,3 +495,47 @@ def test_agent_requests_carry_the_other_speakers_labels_as_stop_sequences(db, tm
         others = [f"\n{n}:" for n in names if n != speaker.name]
         assert "\nResearcher:" in stop and all(o in stop for o in others), stop
         assert f"\n{speaker.name}:" not in stop
+
+
+def test_templates_are_read_once_per_batch(db, tmp_path, monkeypatch):
+    from simulator import prompts
+
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    for name in (prompts.SUMMARY_TEMPLATE, prompts.SELECTOR_TEMPLATE):
+        (folder / name).write_text(prompts.load_template(name))
+    monkeypatch.setenv("SIMULATOR_PROMPTS_DIR", str(folder))
+    store = Store.open(db, "alice")
+    path = write_experiment(tmp_path / "s.yaml", "{model: scripted, provider: scripted}")
+    exp = store.insert_experiment(load_experiment(path))
+    opts = options()
+
+    def on_progress(event: ProgressEvent) -> None:
+        if event.kind == "message":  # the templates go away once the batch runs
+            for name in (prompts.SUMMARY_TEMPLATE, prompts.SELECTOR_TEMPLATE):
+                (folder / name).unlink(missing_ok=True)
+
+    opts.on_progress = on_progress
+    g = grid(exp, messages=4, days=2, repetitions=2, agents="guard=1,prisoner=2", speakers=["auto"])
+    report = start_batch(store, exp, g, opts)
+    assert report.status == "completed", report.failures
+    assert db.summaries.count_documents({"batch_id": report.batch_id}) == 4
+
+
+def test_a_conversation_is_finished_only_by_the_run_that_runs_it(db):
+    from simulator.store import Lease
+
+    store = Store.open(db, "alice")
+    db.conversations.insert_one({"_id": "c1", "batch_id": "b1", "status": "pending"})
+    a = Lease("b1", "token-a", "host-a", 1)
+    b = Lease("b1", "token-b", "host-b", 2)
+    assert store.mark_running("c1", a)
+    assert store.mark_running("c1", b)  # a took too long: b continues the conversation
+    assert store.finish_conversation("c1", "completed", None, lease=b)
+    # a's late writes change nothing
+    assert not store.finish_conversation("c1", "interrupted", None, lease=a)
+    assert not store.finish_conversation("c1", "failed", None, "late", lease=a)
+    assert store.mark_interrupted("b1", a) == 0
+    assert not store.mark_running("c1", a)  # completed: nothing left to run
+    doc = db.conversations.find_one({"_id": "c1"})
+    assert doc["status"] == "completed" and doc["lease"] == "token-b" and doc["error"] is None
