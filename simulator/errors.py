@@ -71,3 +71,13 @@ class LeaseLost(StorageError):
 
 class RecordTooLarge(UserError):
     """A record (message, summary, conversation) is over MongoDB's 16 MB document limit."""
+
+
+class DatabaseLost(StorageError):
+    """The database went away during a run; `abandoned` threads were still waiting on it."""
+
+    abandoned: int = 0
+
+
+class Interrupted(SimulatorError):
+    """Raised inside a conversation when its batch is stopping (never shown to the user)."""

@@ -38,6 +38,8 @@ from simulator.conversation import (
     build_agents,
 )
 from simulator.errors import (
+    DatabaseLost,
+    Interrupted,
     LeaseLost,
     PermissionDenied,
     ProviderError,
@@ -135,10 +137,6 @@ def options_from_settings(
         manual=manual,
         on_warning=on_warning,
     )
-
-
-class Interrupted(SimulatorError):
-    """Raised inside a conversation when the batch is stopping."""
 
 
 def failure_threshold(max_failures: str | None, total: int) -> int:
@@ -263,12 +261,6 @@ def _prepare(store: Store, batch: BatchRecord, exp: Experiment) -> None:
             yield index, spec, build_agents(exp, spec), prompts.summarizer_prompt(exp, spec.agents)
 
     store.prepare_conversations(batch, exp, items())
-
-
-class DatabaseLost(StorageError):
-    """The database went away during a run; `abandoned` threads were still waiting on it."""
-
-    abandoned: int = 0
 
 
 def _storage_error(batch_id: str | None, error: BaseException) -> DatabaseLost:
