@@ -54,6 +54,7 @@ from simulator.grid import Grid
 from simulator.status import UNFINISHED, BatchStatus, ConversationStatus
 
 LEASE_SECONDS = 30.0  # a batch whose runner has not been heard of for this long is free
+BEAT_SECONDS = 2.0  # heartbeats at most this far apart (and every third of the lease)
 MAX_RECORD_MB = 16  # MongoDB's limit for one document
 _TOO_LARGE_CODES = {10334, 17419, 17420}  # BSONObjectTooLarge and friends (server side)
 
@@ -444,7 +445,7 @@ class Store:
         run the same conversations at the same time (their turns would interleave).
 
         The lease is a random token with this host and pid and a heartbeat in the server's
-        time, refreshed every `seconds`/3. A lease is free when its heartbeat is older than
+        time, refreshed every `seconds`/3 (at most BEAT_SECONDS apart). A lease is free when its heartbeat is older than
         its `seconds` by the server's clock, or when its process on this host is gone
         (after a `kill -9`, resume may start at once). The heartbeat also adds the time
         since the last beat to the batch's `elapsed`, so a killed batch shows how long it
@@ -466,7 +467,8 @@ class Store:
         counted = [time.monotonic()]  # up to when `elapsed` has been added
 
         def beat() -> None:
-            while not stop.wait(seconds / 3):
+            # At most 2 s apart: the running time a kill loses stays that small.
+            while not stop.wait(min(seconds / 3, BEAT_SECONDS)):
                 with lock:
                     t = time.monotonic()
                     try:

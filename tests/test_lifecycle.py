@@ -539,3 +539,32 @@ def test_a_conversation_is_finished_only_by_the_run_that_runs_it(db):
     assert not store.mark_running("c1", a)  # completed: nothing left to run
     doc = db.conversations.find_one({"_id": "c1"})
     assert doc["status"] == "completed" and doc["lease"] == "token-b" and doc["error"] is None
+
+
+def test_a_killed_batch_shows_how_long_it_ran_and_that_it_stopped(settings, env_for, db, tmp_path):
+    import signal
+
+    from tests.test_kill_resume import Cli
+
+    path = write_experiment(
+        tmp_path / "slow.yaml", "{model: scripted, provider: scripted, latency: 0.1}"
+    )
+    cli = Cli(tmp_path, env_for(settings))
+    proc = cli.start("run", path, "--messages", "40", "--days", "1", "--plain")
+    try:
+        wait_for(lambda: db.messages.count_documents({}) >= 1, "a message", timeout=30)
+        started = time.monotonic()
+        batch_id = db.batches.find_one()["_id"]
+        store = Store.open(db, "alice")
+        assert store.get_batch(batch_id).shown_status == "running"
+        wait_for(lambda: time.monotonic() - started > 2.5, "2.5 s of running")
+    finally:
+        proc.kill()
+        proc.wait()
+        Cli.output(proc)
+    assert proc.returncode == -signal.SIGKILL
+    batch = store.get_batch(batch_id)
+    assert batch.status == "running"  # as stored: nobody could write anything else
+    assert batch.runner_alive is False and batch.stopped_unexpectedly
+    assert batch.shown_status == "interrupted"
+    assert batch.elapsed >= 1.5, batch.elapsed  # not "ran 0.0 s"
