@@ -347,6 +347,8 @@ def execute(
 
 def finish(store: Store, report: BatchReport) -> None:
     """Say where results are; exit non-zero when the batch did not complete."""
+    if report.note:
+        out.print(report.note)
     if report.status == "interrupted":
         out.print(f"Interrupted. Continue with:  simulator resume {report.batch_id}")
         sys.stdout.flush()

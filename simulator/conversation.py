@@ -127,6 +127,21 @@ class Transcript:
 
 
 @dataclass
+class Templates:
+    """The `prompts/` templates a conversation fills: read once per batch, not per call."""
+
+    summary: str
+    selector: str
+
+    @classmethod
+    def load(cls) -> Templates:
+        return cls(
+            prompts.load_template(prompts.SUMMARY_TEMPLATE),
+            prompts.load_template(prompts.SELECTOR_TEMPLATE),
+        )
+
+
+@dataclass
 class Models:
     """The models one conversation talks to."""
 
@@ -220,7 +235,13 @@ class Conversation:
         agents: list[Agent] | None = None,
         on_event: Callable[[Event], Any] | None = None,
         manual: ManualChooser | None = None,
+        summarizer_prompt: str | None = None,
+        templates: Templates | None = None,
     ):
+        """`summarizer_prompt`: the one stored with the conversation (a resumed
+        conversation keeps the prompt it started with, even if the experiment's sections
+        would compose another today); None composes it. `templates`: read once for a
+        batch; None reads them now."""
         self.exp = exp
         self.spec = spec
         self.models = models
@@ -228,7 +249,8 @@ class Conversation:
         self.on_event = on_event or (lambda event: None)
         self.manual = manual
         self.role_names = [r.name for r in exp.roles]
-        self.summarizer_prompt = prompts.summarizer_prompt(exp, spec.agents)
+        self.summarizer_prompt = summarizer_prompt or prompts.summarizer_prompt(exp, spec.agents)
+        self.templates = templates or Templates.load()
         self.starting_message = prompts.starting_message(exp, spec.agents)
         if spec.speaker == "manual" and manual is None and len(self.agents) > 2:
             raise UserError("Speaker method 'manual' needs a terminal to choose speakers.")
@@ -290,7 +312,10 @@ class Conversation:
         transcript = prompts.format_transcript([(m.speaker, m.content) for m in today])
         request: list[ChatMessage] = [
             {"role": "system", "content": self.summarizer_prompt},
-            {"role": "user", "content": prompts.summary_request(day, transcript)},
+            {
+                "role": "user",
+                "content": prompts.summary_request(day, transcript, self.templates.summary),
+            },
         ]
         usage = Usage()
         text = ""
@@ -353,7 +378,7 @@ class Conversation:
             {
                 "role": "user",
                 "content": prompts.selector_request(
-                    described, prompts.format_transcript(lines), last
+                    described, prompts.format_transcript(lines), last, self.templates.selector
                 ),
             },
         ]

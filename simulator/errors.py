@@ -63,3 +63,21 @@ class ScriptExhausted(ProviderError):
 
 class StorageError(UserError):
     """MongoDB is unreachable, refuses us, or went away."""
+
+
+class LeaseLost(StorageError):
+    """Another process took over the batch (or the run ended): this run writes nothing more."""
+
+
+class RecordTooLarge(UserError):
+    """A record (message, summary, conversation) is over MongoDB's 16 MB document limit."""
+
+
+class DatabaseLost(StorageError):
+    """The database went away during a run; `abandoned` threads were still waiting on it."""
+
+    abandoned: int = 0
+
+
+class Interrupted(SimulatorError):
+    """Raised inside a conversation when its batch is stopping (never shown to the user)."""

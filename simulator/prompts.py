@@ -55,20 +55,27 @@ def format_transcript(lines: list[tuple[str, str]]) -> str:
     return "\n\n".join(f"{speaker}: {content.strip()}" for speaker, content in lines)
 
 
-def summary_request(day: int, transcript: str) -> str:
-    """The user message asking the summarizer to summarize one day."""
-    return render(load_template(SUMMARY_TEMPLATE), day=str(day), transcript=transcript).strip()
+def summary_request(day: int, transcript: str, template: str | None = None) -> str:
+    """The user message asking the summarizer to summarize one day (`template`: the
+    summary template, read once by the caller; None reads it now)."""
+    if template is None:
+        template = load_template(SUMMARY_TEMPLATE)
+    return render(template, day=str(day), transcript=transcript).strip()
 
 
 def selector_request(
-    agents: list[tuple[str, str, str]], transcript: str, last_speaker: str | None
+    agents: list[tuple[str, str, str]],
+    transcript: str,
+    last_speaker: str | None,
+    template: str | None = None,
 ) -> str:
     """The message asking the selector model for the next speaker.
 
     `agents` holds (name, role, role description). Without a last speaker, the template
     lines that mention `{last_speaker}` are left out.
     """
-    template = load_template(SELECTOR_TEMPLATE)
+    if template is None:
+        template = load_template(SELECTOR_TEMPLATE)
     if last_speaker is None:
         template = "".join(
             line for line in template.splitlines(keepends=True) if "{last_speaker}" not in line

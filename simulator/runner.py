@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from pymongo.errors import ConnectionFailure, PyMongoError
+from pymongo.errors import ConnectionFailure, DocumentTooLarge, OperationFailure, PyMongoError
 
 from simulator import prompts
 from simulator.conversation import (
@@ -34,15 +34,27 @@ from simulator.conversation import (
     Models,
     SelectorCall,
     Summary,
+    Templates,
     build_agents,
 )
-from simulator.errors import ProviderError, SimulatorError, StorageError, UserError
+from simulator.errors import (
+    DatabaseLost,
+    Interrupted,
+    LeaseLost,
+    PermissionDenied,
+    ProviderError,
+    RecordTooLarge,
+    SimulatorError,
+    StorageError,
+    UserError,
+)
 from simulator.experiment import Experiment, ModelSpec
 from simulator.grid import Grid
 from simulator.llm.registry import ModelPool, endpoint_key, preflight
 from simulator.llm.retry import RetryPolicy
 from simulator.settings import Settings
-from simulator.store import BatchRecord, ConversationRecord, Store
+from simulator.status import BatchStatus, ConversationStatus
+from simulator.store import LEASE_SECONDS, BatchRecord, ConversationRecord, Lease, Store
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +84,14 @@ class ProgressEvent:
 @dataclass
 class BatchReport:
     batch_id: str
-    status: str  # completed | completed_with_failures | stopped | interrupted
+    status: BatchStatus  # completed | completed_with_failures | stopped | interrupted
     total: int
     counts: dict[str, int] = field(default_factory=dict)
     failures: list[tuple[str, str]] = field(default_factory=list)
     elapsed: float = 0.0  # seconds of this run
     reason: str | None = None
     abandoned: int = 0  # conversation threads still waiting for a call when the run gave up
+    note: str | None = None  # something the user should be told (e.g. a batch marked completed)
 
 
 @dataclass
@@ -92,6 +105,8 @@ class RunOptions:
     on_warning: Callable[[str], None] | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     grace: float = 5.0  # seconds calls in flight get to finish once the batch stops
+    # A runner silent for this long loses the batch to another process (heartbeat every third).
+    lease_seconds: float = LEASE_SECONDS
 
 
 def options_from_settings(
@@ -122,10 +137,6 @@ def options_from_settings(
         manual=manual,
         on_warning=on_warning,
     )
-
-
-class Interrupted(SimulatorError):
-    """Raised inside a conversation when the batch is stopping."""
 
 
 def failure_threshold(max_failures: str | None, total: int) -> int:
@@ -167,28 +178,66 @@ def start_batch(store: Store, exp: Experiment, grid: Grid, options: RunOptions) 
     """Create a batch for `grid` and run it to the end (or until it stops)."""
     _refuse_manual_without_chooser(grid.speakers, options)
     failure_threshold(options.max_failures, grid.size())  # a bad value fails before any write
+    templates = Templates.load()  # a missing template fails before any write
     _preflight(exp, grid, options)  # an unreachable endpoint fails before any write
     with _storage_errors(None):
         batch = store.create_batch(exp, grid)
-    return _run(store, batch, exp, options)
+    return _run(store, batch, exp, options, templates)
 
 
 def resume_batch(store: Store, ref: str, options: RunOptions) -> BatchReport:
-    """Continue an interrupted batch after the last stored message of each conversation."""
+    """Continue an interrupted batch after the last stored message of each conversation.
+
+    Only the batch's creator may resume it. A batch whose conversations are all completed
+    but which was never marked finished (killed just before) is marked completed.
+    """
     with _storage_errors(None):
         batch = store.get_batch(ref)
         exp = store.get_experiment(batch.experiment_id)
+    if batch.creator != store.user:
+        raise PermissionDenied(
+            f"Batch {batch.id} belongs to {batch.creator}: only {batch.creator} can resume it "
+            f"(you are {store.user}). To run the same grid yourself, copy the experiment with "
+            f"`simulator experiment duplicate {batch.experiment_id[:8]}` and start your own "
+            "batch of the copy with `simulator run NEW_ID ...`."
+        )
+    with _storage_errors(None):
         finished = batch.prepared and store.count_unfinished(batch.id) == 0
     if finished:
-        raise UserError(
-            f"Batch {batch.id} is already finished: all {batch.total} conversations are completed. "
-            "See them with `simulator conversations " + exp.id[:8] + "`, or start a new batch "  # type: ignore[index]
-            "with `simulator run`."
-        )
+        return _mark_finished(store, batch, exp, options)
     _refuse_manual_without_chooser(batch.grid.speakers, options)
     failure_threshold(options.max_failures, batch.total)
+    templates = Templates.load()
     _preflight(exp, batch.grid, options)
-    return _run(store, batch, exp, options)
+    return _run(store, batch, exp, options, templates)
+
+
+def _mark_finished(
+    store: Store, batch: BatchRecord, exp: Experiment, options: RunOptions
+) -> BatchReport:
+    if batch.status == BatchStatus.COMPLETED:
+        raise UserError(
+            f"Batch {batch.id} is already finished: all {batch.total} conversations are "
+            f"completed. See them with `simulator conversations {batch.experiment_id[:8]}`, "
+            "or start a new batch with `simulator run`."
+        )
+    with (
+        _storage_errors(batch.id),
+        store.batch_lease(batch.id, seconds=options.lease_seconds) as lease,
+    ):
+        store.set_batch_status(batch.id, BatchStatus.COMPLETED, lease=lease)
+        counts = store.batch_counts(batch.id)
+    return BatchReport(
+        batch_id=batch.id,
+        status=BatchStatus.COMPLETED,
+        total=batch.total,
+        counts=counts,
+        note=(
+            f"All {batch.total} conversations of batch {batch.id} were already stored, but its "
+            "run stopped before it could mark the batch finished: it is now marked completed. "
+            "Nothing was run again."
+        ),
+    )
 
 
 def _refuse_manual_without_chooser(speakers: list[str], options: RunOptions) -> None:
@@ -212,12 +261,6 @@ def _prepare(store: Store, batch: BatchRecord, exp: Experiment) -> None:
             yield index, spec, build_agents(exp, spec), prompts.summarizer_prompt(exp, spec.agents)
 
     store.prepare_conversations(batch, exp, items())
-
-
-class DatabaseLost(StorageError):
-    """The database went away during a run; `abandoned` threads were still waiting on it."""
-
-    abandoned: int = 0
 
 
 def _storage_error(batch_id: str | None, error: BaseException) -> DatabaseLost:
@@ -245,19 +288,36 @@ def _storage_errors(batch_id: str | None) -> Iterator[None]:
         raise _storage_error(batch_id, e) from None
 
 
-def _run(store: Store, batch: BatchRecord, exp: Experiment, options: RunOptions) -> BatchReport:
-    with _storage_errors(batch.id), store.batch_lease(batch.id):
-        return _BatchRun(store, batch, exp, options).run()
+def _run(
+    store: Store, batch: BatchRecord, exp: Experiment, options: RunOptions, templates: Templates
+) -> BatchReport:
+    run = _BatchRun(store, batch, exp, options, templates)
+    with (
+        _storage_errors(batch.id),
+        store.batch_lease(batch.id, seconds=options.lease_seconds, on_lost=run.lease_lost) as lease,
+    ):
+        run.lease = lease
+        return run.run()
 
 
 class _BatchRun:
     """One run of a batch: a feeder (the calling thread) and the conversation threads."""
 
-    def __init__(self, store: Store, batch: BatchRecord, exp: Experiment, options: RunOptions):
+    def __init__(
+        self,
+        store: Store,
+        batch: BatchRecord,
+        exp: Experiment,
+        options: RunOptions,
+        templates: Templates,
+    ):
         self.store = store
         self.batch = batch
         self.exp = exp
         self.options = options
+        self.templates = templates
+        self.lease: Lease | None = None  # set once the batch is claimed
+        self.lease_error: LeaseLost | None = None
         self.stop = options.stop
         self.notify = options.on_progress or (lambda event: None)
         self.lock = threading.Lock()
@@ -283,10 +343,11 @@ class _BatchRun:
         started = time.perf_counter()
         batch, store = self.batch, self.store
         abandoned = 0
+        assert self.lease is not None
         try:
             if not batch.prepared:
-                _prepare(store, batch, self.exp)
-            store.set_batch_status(batch.id, "running")
+                self._prepare()
+            store.set_batch_status(batch.id, BatchStatus.RUNNING, lease=self.lease)
             self.threshold = failure_threshold(self.options.max_failures, batch.total)
             remaining = store.count_unfinished(batch.id)
             self.notify(ProgressEvent("started", batch.id, total=batch.total, remaining=remaining))
@@ -303,6 +364,9 @@ class _BatchRun:
             abandoned = self._join()
         except KeyboardInterrupt:
             abandoned = self._interrupted()
+        except LeaseLost as e:
+            self._lease_failed(e)
+            abandoned = self._join()
         except (PyMongoError, StorageError) as e:
             self._storage_failed(e)
             abandoned = self._join()
@@ -312,6 +376,14 @@ class _BatchRun:
             raise
         if self.crash is not None:
             raise self.crash
+        if self.lease_error is not None or self.lease.lost.is_set():
+            # Another process runs the batch now: its status and conversations are its own.
+            try:
+                self.lease.check()
+            except LeaseLost as e:
+                raise e from None
+            assert self.lease_error is not None
+            raise self.lease_error
         if self.storage_error is not None:
             error = _storage_error(batch.id, self.storage_error)
             error.abandoned = abandoned
@@ -321,6 +393,32 @@ class _BatchRun:
         except KeyboardInterrupt:  # a second Ctrl-C while the report is written
             self.interrupted = True
             return self._report(started, abandoned)
+
+    def _prepare(self) -> None:
+        """Create the conversations; one too large to store stops the batch with the cause."""
+        try:
+            _prepare(self.store, self.batch, self.exp)
+        except (DocumentTooLarge, OperationFailure) as e:
+            if isinstance(e, OperationFailure) and "too large" not in str(e).lower():
+                raise
+            error = (
+                f"The conversations of batch {self.batch.id} cannot be stored: each holds its "
+                "agents' composed prompts, and together they exceed MongoDB's limit of 16 MB "
+                f"for one record ({str(e).splitlines()[0][:120]}). Shorten the experiment's "
+                "sections (or use fewer agents), then start a new batch with `simulator run`."
+            )
+            self.store.set_batch_status(self.batch.id, BatchStatus.STOPPED, error, lease=self.lease)
+            raise RecordTooLarge(error) from None
+
+    def lease_lost(self) -> None:
+        """The heartbeat found another process holding the batch: stop at once."""
+        self.stop.set()
+        self.notify(ProgressEvent("stopping", self.batch.id, error="the batch was taken over"))
+
+    def _lease_failed(self, error: LeaseLost) -> None:
+        with self.lock:
+            self.lease_error = self.lease_error or error
+        self.stop.set()
 
     # --- the feeder and the conversation threads ----------------------------------------
 
@@ -350,6 +448,7 @@ class _BatchRun:
                 self._work(record, _Writes(writer))
 
     def _work(self, record: ConversationRecord, writes: _Writes) -> None:
+        assert self.lease is not None
         try:
             _run_one(
                 self.store,
@@ -360,9 +459,13 @@ class _BatchRun:
                 self.notify,
                 self.batch.id,
                 writes,
+                self.lease,
+                self.templates,
             )
         except Interrupted:
             pass
+        except LeaseLost as e:
+            self._lease_failed(e)
         except (StorageError, PyMongoError) as e:
             self._storage_failed(e)
         except Exception as e:  # the conversation failed (and is stored as failed)
@@ -430,21 +533,24 @@ class _BatchRun:
     # --- the end ---------------------------------------------------------------------------
 
     def _report(self, started: float, abandoned: int) -> BatchReport:
-        batch, store = self.batch, self.store
-        store.mark_interrupted(batch.id)  # conversations still running: resume continues them
+        batch, store, lease = self.batch, self.store, self.lease
+        # conversations still running: resume continues them
+        store.mark_interrupted(batch.id, lease)
         counts = store.batch_counts(batch.id)
-        unfinished = sum(n for s, n in counts.items() if s != "completed")
+        unfinished = sum(n for s, n in counts.items() if s != ConversationStatus.COMPLETED)
         reason = self.reason
-        if self.interrupted:
-            status, reason = "interrupted", "interrupted"
+        if self.interrupted or (self.stop.is_set() and not reason):
+            # Ctrl-C, kill, or a front end setting options.stop
+            status, reason = BatchStatus.INTERRUPTED, "interrupted"
         elif reason:
-            status = "stopped"
+            status = BatchStatus.STOPPED
         elif unfinished:
-            status = "completed_with_failures"
+            status = BatchStatus.COMPLETED_WITH_FAILURES
         else:
-            status = "completed"
+            status = BatchStatus.COMPLETED
         elapsed = time.perf_counter() - started
-        store.set_batch_status(batch.id, status, reason, elapsed=elapsed)
+        # the running time is added by the lease (heartbeats and release), not here
+        store.set_batch_status(batch.id, status, reason, lease=lease)
         report = BatchReport(
             batch_id=batch.id,
             status=status,
@@ -503,12 +609,15 @@ def _run_one(
     notify: Callable[[ProgressEvent], None],
     batch_id: str,
     writes: _Writes,
+    lease: Lease,
+    templates: Templates,
 ) -> None:
     if options.stop.is_set():
         raise Interrupted()
-    resuming = record.status != "pending"
+    if not store.mark_running(record.id, lease):
+        return  # another run has completed it since this one read it
+    resuming = record.status != ConversationStatus.PENDING
     done = store.load_transcript(record.id, discard_partial=True) if resuming else None
-    store.mark_running(record.id)
     notify(ProgressEvent("conversation_started", batch_id, record.id))
     llm = record.spec.llm
     models = Models(
@@ -525,15 +634,17 @@ def _run_one(
         # Stored at once, in order (see _Writes); a kill loses at most the record being
         # written, which resume then makes again.
         if isinstance(event, Message):
-            writes.submit(store.insert_message, record.id, event, record.batch_id)
+            writes.submit(store.insert_message, record.id, event, record.batch_id, lease)
             kind = "message"
         elif isinstance(event, Summary):
-            writes.submit(store.insert_summary, record.id, event, record.batch_id)
+            writes.submit(store.insert_summary, record.id, event, record.batch_id, lease)
             kind = "summary"
         elif isinstance(event, SelectorCall):
             key = (event.day, event.turn)
             attempt = attempts.get(key, 0)
-            writes.submit(store.insert_selector_call, record.id, event, attempt, record.batch_id)
+            writes.submit(
+                store.insert_selector_call, record.id, event, attempt, record.batch_id, lease
+            )
             attempts[key] = attempt + 1
             kind = "selector"
         else:
@@ -554,14 +665,21 @@ def _run_one(
             raise Interrupted()
 
     conversation = Conversation(
-        exp, record.spec, models, agents=record.agents, on_event=on_event, manual=options.manual
+        exp,
+        record.spec,
+        models,
+        agents=record.agents,
+        on_event=on_event,
+        manual=options.manual,
+        summarizer_prompt=record.summarizer_prompt,  # as stored: resume does not recompose it
+        templates=templates,
     )
     try:
         transcript = conversation.run(done)
         writes.flush()
     except Interrupted:
         writes.flush()
-        store.finish_conversation(record.id, "interrupted", None)
+        store.finish_conversation(record.id, ConversationStatus.INTERRUPTED, None, lease=lease)
         notify(ProgressEvent("conversation_finished", batch_id, record.id, status="interrupted"))
         raise
     except (StorageError, PyMongoError, KeyboardInterrupt):
@@ -576,12 +694,13 @@ def _run_one(
         writes.flush()
         store.finish_conversation(
             record.id,
-            "failed",
+            ConversationStatus.FAILED,
             None,
             error=error,
             failed_call_retries=int(getattr(e, "retries", 0) or 0),
+            lease=lease,
         )
         notify(ProgressEvent("conversation_finished", batch_id, record.id, "failed", error))
         raise
-    store.finish_conversation(record.id, "completed", transcript)
+    store.finish_conversation(record.id, ConversationStatus.COMPLETED, transcript, lease=lease)
     notify(ProgressEvent("conversation_finished", batch_id, record.id, status="completed"))

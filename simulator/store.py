@@ -14,7 +14,8 @@ import re
 import secrets
 import socket
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -22,7 +23,13 @@ from typing import Any
 
 import pymongo
 from pymongo.database import Database
-from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
+from pymongo.errors import (
+    BulkWriteError,
+    DocumentTooLarge,
+    DuplicateKeyError,
+    OperationFailure,
+    PyMongoError,
+)
 
 from simulator.conversation import (
     EXTRA_ATTEMPTS,
@@ -34,12 +41,22 @@ from simulator.conversation import (
     Transcript,
     Usage,
 )
-from simulator.errors import NotFoundError, PermissionDenied, StorageError, UserError
+from simulator.errors import (
+    LeaseLost,
+    NotFoundError,
+    PermissionDenied,
+    RecordTooLarge,
+    StorageError,
+    UserError,
+)
 from simulator.experiment import Experiment, ModelSpec, experiment_from_dict, experiment_to_dict
 from simulator.grid import Grid
+from simulator.status import UNFINISHED, BatchStatus, ConversationStatus
 
-UNFINISHED = ("pending", "running", "interrupted", "failed")
-LEASE_SECONDS = 30  # a batch whose runner has not been heard of for this long is free
+LEASE_SECONDS = 30.0  # a batch whose runner has not been heard of for this long is free
+BEAT_SECONDS = 2.0  # heartbeats at most this far apart (and every third of the lease)
+MAX_RECORD_MB = 16  # MongoDB's limit for one document
+_TOO_LARGE_CODES = {10334, 17419, 17420}  # BSONObjectTooLarge and friends (server side)
 
 
 def new_id() -> str:
@@ -69,18 +86,86 @@ class ExperimentRow:
 
 
 @dataclass
+class LeaseHolder:
+    """Who holds a batch's lease, as stored on the batch."""
+
+    host: str
+    pid: int
+    heartbeat: datetime | None  # the server's time of its last heartbeat (UTC)
+    seconds: float = LEASE_SECONDS  # silent for longer than this, the lease is free
+    token: str | None = None
+
+    def __str__(self) -> str:
+        return f"process {self.pid} on {self.host}"
+
+
+@dataclass
+class Lease:
+    """This process's hold on a batch (see Store.batch_lease). Every conversation write
+    of a run goes through `check()`: once the lease is lost or released, nothing more is
+    written."""
+
+    batch_id: str
+    token: str
+    host: str
+    pid: int
+    seconds: float = LEASE_SECONDS
+    lost: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
+    taken_by: LeaseHolder | None = None  # who holds the batch now, when lost
+
+    @property
+    def held(self) -> bool:
+        return not (self.lost.is_set() or self.released.is_set())
+
+    def check(self) -> None:
+        """Raise LeaseLost unless this run still holds the batch."""
+        if self.lost.is_set():
+            who = str(self.taken_by) if self.taken_by else "another process"
+            raise LeaseLost(
+                f"Batch {self.batch_id} was taken over by {who} (this process was not heard "
+                f"from for {self.seconds:g} s), so this run stopped writing to it. Everything "
+                f"it stored is kept; see `simulator status {self.batch_id}`."
+            )
+        if self.released.is_set():
+            raise LeaseLost(f"The run of batch {self.batch_id} in this process has ended.")
+
+    def _lose(self, doc: dict | None) -> None:
+        self.taken_by = _holder((doc or {}).get("runner"))
+        self.lost.set()
+
+
+@dataclass
 class BatchRecord:
     id: str
     experiment_id: str
     grid: Grid
     total: int
-    status: str  # preparing | ready | running | interrupted | completed | stopped
+    status: BatchStatus
     creator: str
     created_at: datetime
     prepared: bool = False
     finished_at: datetime | None = None
     error: str | None = None
     elapsed: float = 0.0  # seconds spent running, summed over every run and resume
+    # The runner holding the batch's lease, if any, and whether it is alive: True when
+    # its heartbeat is fresh by the server's clock (and, on this host, its process
+    # exists); False when a runner is recorded but dead or silent; None when no runner is
+    # recorded. Filled by get_batch / latest_batch / Store.fill_liveness.
+    holder: LeaseHolder | None = None
+    runner_alive: bool | None = None
+
+    @property
+    def stopped_unexpectedly(self) -> bool:
+        """Stored as preparing/ready/running, but no live runner works on it: its process
+        was killed or crashed. `simulator resume` continues it."""
+        unended = self.status in (BatchStatus.PREPARING, BatchStatus.READY, BatchStatus.RUNNING)
+        return unended and self.runner_alive is not True
+
+    @property
+    def shown_status(self) -> BatchStatus:
+        """The status to show: `running` only while a live runner holds the lease."""
+        return BatchStatus.INTERRUPTED if self.stopped_unexpectedly else self.status
 
 
 @dataclass
@@ -92,7 +177,7 @@ class ConversationRecord:
     spec: ConversationSpec
     agents: list[Agent]
     summarizer_prompt: str
-    status: str
+    status: ConversationStatus
     creator: str
     created_at: datetime
     error: str | None = None
@@ -310,70 +395,173 @@ class Store:
         return _batch(doc)
 
     def get_batch(self, ref: str) -> BatchRecord:
-        return _batch(self._resolve(self.batches, ref, "batch"))
+        batch = _batch(self._resolve(self.batches, ref, "batch"))
+        self.fill_liveness([batch])
+        return batch
 
     def latest_batch(self) -> BatchRecord | None:
         doc = self.batches.find_one({"creator": self.user}, sort=[("created_at", -1)])
-        return _batch(doc) if doc else None
+        if not doc:
+            return None
+        batch = _batch(doc)
+        self.fill_liveness([batch])
+        return batch
 
     def list_batches(self, experiment_id: str | None = None) -> list[BatchRecord]:
         query = {"experiment_id": experiment_id} if experiment_id else {}
         return [_batch(d) for d in self.batches.find(query).sort("created_at", -1)]
 
+    def server_time(self) -> datetime:
+        """The database server's clock (UTC): leases are judged by it, never by ours, so
+        runners on hosts whose clocks disagree still agree on who holds a batch."""
+        return _utc(self.db.command("hello")["localTime"])
+
+    def fill_liveness(self, batches: list[BatchRecord]) -> None:
+        """Set `runner_alive` of batches read without it (one server-clock read for all)."""
+        held = [b for b in batches if b.holder is not None]
+        for b in batches:
+            b.runner_alive = None
+        if not held:
+            return
+        server_now = self.server_time()
+        me = {"host": socket.gethostname(), "pid": -1}
+        for b in held:
+            assert b.holder is not None
+            b.runner_alive = not _lease_free(b.holder, me, server_now)
+
+    def batch_liveness(self, ref: str) -> bool | None:
+        """Whether a live runner holds the batch now (None: no runner recorded)."""
+        return self.get_batch(ref).runner_alive
+
     @contextmanager
-    def batch_lease(self, batch_id: str) -> Iterator[None]:
+    def batch_lease(
+        self,
+        batch_id: str,
+        *,
+        seconds: float = LEASE_SECONDS,
+        on_lost: Callable[[], None] | None = None,
+    ) -> Iterator[Lease]:
         """Hold the batch for this process while it runs, so that a second `resume` cannot
         run the same conversations at the same time (their turns would interleave).
 
-        The lease is this host and pid with a heartbeat. A lease is free when its heartbeat
-        is older than LEASE_SECONDS, or when its process on this host is gone (after a
-        `kill -9`, resume may start at once).
+        The lease is a random token with this host and pid and a heartbeat in the server's
+        time, refreshed every `seconds`/3 (at most BEAT_SECONDS apart). A lease is free when its heartbeat is older than
+        its `seconds` by the server's clock, or when its process on this host is gone
+        (after a `kill -9`, resume may start at once). The heartbeat also adds the time
+        since the last beat to the batch's `elapsed`, so a killed batch shows how long it
+        ran. When a heartbeat finds the token gone (another process took the batch over),
+        the lease is lost: every write through it is refused from then on, and `on_lost`
+        is called (the runner stops).
         """
-        me = {"host": socket.gethostname(), "pid": os.getpid()}
-        self._claim(batch_id, me)
-        mine = {"_id": batch_id, "runner.host": me["host"], "runner.pid": me["pid"]}
+        lease = Lease(
+            batch_id=batch_id,
+            token=new_id(),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            seconds=seconds,
+        )
+        self._claim(lease)
+        mine = {"_id": batch_id, "runner.token": lease.token}
         stop = threading.Event()
+        lock = threading.Lock()
+        counted = [time.monotonic()]  # up to when `elapsed` has been added
 
         def beat() -> None:
-            while not stop.wait(LEASE_SECONDS / 3):
-                try:
-                    self.batches.update_one(mine, {"$set": {"runner.heartbeat": now()}})
-                except PyMongoError:
-                    pass  # the batch's own writes report a lost database
+            # At most 2 s apart: the running time a kill loses stays that small.
+            while not stop.wait(min(seconds / 3, BEAT_SECONDS)):
+                with lock:
+                    t = time.monotonic()
+                    try:
+                        result = self.batches.update_one(
+                            mine,
+                            {
+                                "$currentDate": {"runner.heartbeat": True},
+                                "$inc": {"elapsed": t - counted[0]},
+                            },
+                        )
+                    except PyMongoError:
+                        continue  # the batch's own writes report a lost database
+                    counted[0] = t
+                if result.matched_count == 0:
+                    lease._lose(self.batches.find_one({"_id": batch_id}, {"runner": 1}))
+                    if on_lost is not None:
+                        on_lost()
+                    return
 
         heart = threading.Thread(target=beat, name="batch-lease", daemon=True)
         heart.start()
         try:
-            yield
+            yield lease
         finally:
             stop.set()
-            try:
-                self.batches.update_one(mine, {"$unset": {"runner": ""}})
-            except PyMongoError:
-                pass  # unreleased, it expires; a dead pid on this host frees it at once
+            lease.released.set()  # abandoned conversation threads write nothing from now on
+            heart.join(5)
+            with lock:
+                try:
+                    self.batches.update_one(
+                        mine,
+                        {
+                            "$unset": {"runner": ""},
+                            "$inc": {"elapsed": time.monotonic() - counted[0]},
+                        },
+                    )
+                except PyMongoError:
+                    pass  # unreleased, it expires; a dead pid on this host frees it at once
 
-    def _claim(self, batch_id: str, me: dict[str, Any]) -> None:
-        doc = self.batches.find_one({"_id": batch_id}, {"runner": 1}) or {}
-        held = doc.get("runner")
-        if held and not _lease_free(held, me):
-            raise _busy(batch_id, held)
+    def _claim(self, lease: Lease) -> None:
+        """Take the batch if its lease is free: a compare-and-swap on the runner read,
+        judged by the server's clock."""
+        rows = list(
+            self.batches.aggregate(
+                [{"$match": {"_id": lease.batch_id}}, {"$project": {"runner": 1, "now": "$$NOW"}}]
+            )
+        )
+        if not rows:
+            raise NotFoundError(f"Batch {lease.batch_id} does not exist any more.")
+        held = rows[0].get("runner")
+        server_now = _utc(rows[0]["now"])
+        me = {"host": lease.host, "pid": lease.pid}
+        holder = _holder(held)
+        if holder is not None and not _lease_free(holder, me, server_now):
+            raise _busy(lease.batch_id, holder)
+        runner = {
+            "host": lease.host,
+            "pid": lease.pid,
+            "token": lease.token,
+            "seconds": lease.seconds,
+            "heartbeat": server_now,
+        }
         claimed = self.batches.update_one(
-            {"_id": batch_id, "runner": held}, {"$set": {"runner": {**me, "heartbeat": now()}}}
+            {"_id": lease.batch_id, "runner": held}, {"$set": {"runner": runner}}
         )
         if claimed.matched_count == 0:  # another process claimed it in between
-            raise _busy(batch_id, (self.batches.find_one({"_id": batch_id}) or {}).get("runner"))
+            doc = self.batches.find_one({"_id": lease.batch_id}, {"runner": 1}) or {}
+            raise _busy(lease.batch_id, _holder(doc.get("runner")))
 
     def set_batch_status(
-        self, batch_id: str, status: str, error: str | None = None, *, elapsed: float = 0.0
-    ) -> None:
-        """Set the status; `elapsed` (seconds of this run) adds to the batch's running time."""
-        changes: dict[str, Any] = {"status": status, "error": error}
-        if status in ("completed", "completed_with_failures", "stopped", "interrupted"):
+        self,
+        batch_id: str,
+        status: str,
+        error: str | None = None,
+        *,
+        elapsed: float = 0.0,
+        lease: Lease | None = None,
+    ) -> bool:
+        """Set the status; `elapsed` (seconds) adds to the batch's running time (a run
+        holding a lease has its time added by the lease instead). With `lease`, only
+        while the lease is held. Returns whether the batch was updated."""
+        status = BatchStatus(status)
+        changes: dict[str, Any] = {"status": status.value, "error": error}
+        if status.finished:
             changes["finished_at"] = now()
         update: dict[str, Any] = {"$set": changes}
         if elapsed:
             update["$inc"] = {"elapsed": elapsed}
-        self.batches.update_one({"_id": batch_id}, update)
+        query: dict[str, Any] = {"_id": batch_id}
+        if lease is not None:
+            lease.check()
+            query["runner.token"] = lease.token
+        return self.batches.update_one(query, update).matched_count == 1
 
     def prepare_conversations(
         self,
@@ -559,11 +747,21 @@ class Store:
             out.append(rec)
         return out
 
-    def mark_running(self, conv_id: str) -> None:
-        self.conversations.update_one(
-            {"_id": conv_id},
-            {"$set": {"status": "running", "error": None, "started_at": now()}},
-        )
+    def mark_running(self, conv_id: str, lease: Lease | None = None) -> bool:
+        """Start (or continue) a conversation. With `lease`, only an unfinished one, and it
+        is stamped with the lease's token: from then on only this run may finish it.
+        Returns False when there is nothing to do (another run completed it)."""
+        query: dict[str, Any] = {"_id": conv_id}
+        changes: dict[str, Any] = {
+            "status": ConversationStatus.RUNNING.value,
+            "error": None,
+            "started_at": now(),
+        }
+        if lease is not None:
+            lease.check()
+            query["status"] = {"$in": [s.value for s in UNFINISHED]}
+            changes["lease"] = lease.token
+        return self.conversations.update_one(query, {"$set": changes}).matched_count == 1
 
     def finish_conversation(
         self,
@@ -573,22 +771,37 @@ class Store:
         error: str | None = None,
         *,
         failed_call_retries: int = 0,
-    ) -> None:
+        lease: Lease | None = None,
+    ) -> bool:
         """`failed_call_retries`: retries of the call that failed the conversation (counted
-        in the batch's retries, as no stored message carries them)."""
-        changes: dict[str, Any] = {"status": status, "error": error, "finished_at": now()}
+        in the batch's retries, as no stored message carries them).
+
+        With `lease`, only while the lease is held and only a conversation this run is
+        running (a late write can never overwrite what another run has since done).
+        Returns whether the conversation was updated."""
+        status = ConversationStatus(status)
+        changes: dict[str, Any] = {"status": status.value, "error": error, "finished_at": now()}
         if transcript is not None:
             changes["usage"] = {k: _usage_doc(u) for k, u in transcript.usage().items()}
             changes["fallbacks"] = transcript.fallbacks
         update: dict[str, Any] = {"$set": changes}
         if failed_call_retries:
             update["$inc"] = {"failed_call_retries": failed_call_retries}
-        self.conversations.update_one({"_id": conv_id}, update)
+        query: dict[str, Any] = {"_id": conv_id}
+        if lease is not None:
+            lease.check()
+            query.update(status=ConversationStatus.RUNNING.value, lease=lease.token)
+        return self.conversations.update_one(query, update).matched_count == 1
 
-    def mark_interrupted(self, batch_id: str) -> int:
-        """Running conversations of a stopped batch become `interrupted` (resume picks them up)."""
+    def mark_interrupted(self, batch_id: str, lease: Lease | None = None) -> int:
+        """Running conversations of a stopped batch become `interrupted` (resume picks them
+        up); with `lease`, only those this run was running."""
+        query: dict[str, Any] = {"batch_id": batch_id, "status": ConversationStatus.RUNNING.value}
+        if lease is not None:
+            lease.check()
+            query["lease"] = lease.token
         return self.conversations.update_many(
-            {"batch_id": batch_id, "status": "running"}, {"$set": {"status": "interrupted"}}
+            query, {"$set": {"status": ConversationStatus.INTERRUPTED.value}}
         ).modified_count
 
     def set_conversation_favourite(self, ref: str, favourite: bool) -> None:
@@ -603,7 +816,9 @@ class Store:
 
     # --- messages, summaries, selector calls ----------------------------------------------
 
-    def insert_message(self, conv_id: str, m: Message, batch_id: str | None = None) -> None:
+    def insert_message(
+        self, conv_id: str, m: Message, batch_id: str | None = None, lease: Lease | None = None
+    ) -> None:
         self._insert_once(
             self.messages,
             {
@@ -619,9 +834,15 @@ class Store:
                 "usage": _usage_doc(m.usage),
                 "created_at": now(),
             },
+            key=("day", "turn"),
+            same=("speaker", "content", "raw"),
+            what=f"message {m.turn} of day {m.day}",
+            lease=lease,
         )
 
-    def insert_summary(self, conv_id: str, s: Summary, batch_id: str | None = None) -> None:
+    def insert_summary(
+        self, conv_id: str, s: Summary, batch_id: str | None = None, lease: Lease | None = None
+    ) -> None:
         self._insert_once(
             self.summaries,
             {
@@ -632,10 +853,19 @@ class Store:
                 "usage": _usage_doc(s.usage),
                 "created_at": now(),
             },
+            key=("day",),
+            same=("content",),
+            what=f"summary of day {s.day}",
+            lease=lease,
         )
 
     def insert_selector_call(
-        self, conv_id: str, c: SelectorCall, attempt: int, batch_id: str | None = None
+        self,
+        conv_id: str,
+        c: SelectorCall,
+        attempt: int,
+        batch_id: str | None = None,
+        lease: Lease | None = None,
     ) -> None:
         self._insert_once(
             self.selector_calls,
@@ -650,15 +880,49 @@ class Store:
                 "usage": _usage_doc(c.usage),
                 "created_at": now(),
             },
+            key=("day", "turn", "attempt"),
+            same=("answer", "chosen"),
+            what=f"speaker selection {attempt + 1} for message {c.turn} of day {c.day}",
+            lease=lease,
         )
 
-    def _insert_once(self, collection: pymongo.collection.Collection, doc: dict) -> None:
-        # A duplicate key means this exact record is already stored (a retried write whose
-        # first attempt did land): nothing to do, and nothing duplicated.
+    def _insert_once(
+        self,
+        collection: pymongo.collection.Collection,
+        doc: dict,
+        *,
+        key: tuple[str, ...],
+        same: tuple[str, ...],
+        what: str,
+        lease: Lease | None,
+    ) -> None:
+        """Store one record of a conversation, exactly once.
+
+        A duplicate key is accepted only when the stored record is this very record (a
+        retried write whose first attempt did land). A different record in its place
+        means another run wrote this turn: that is never swallowed (it would hide a run
+        regenerating what is stored, or two runs writing one conversation).
+        """
+        conv_id = doc["conversation_id"]
+        if lease is not None:
+            lease.check()
         try:
             collection.insert_one(doc)
         except DuplicateKeyError:
-            pass
+            stored = collection.find_one({"conversation_id": conv_id, **{k: doc[k] for k in key}})
+            if stored is not None and all(stored.get(f) == doc.get(f) for f in same):
+                return
+            raise LeaseLost(
+                f"Conversation {conv_id} already has a different {what} stored (another run "
+                f"wrote it), so this run stopped writing to it. Nothing stored was changed; "
+                f"see it with `simulator show {conv_id}`."
+            ) from None
+        except DocumentTooLarge:
+            raise _too_large(conv_id, what, doc) from None
+        except OperationFailure as e:
+            if e.code in _TOO_LARGE_CODES or "too large" in str(e).lower():
+                raise _too_large(conv_id, what, doc) from None
+            raise
 
     def load_transcript(self, conv_id: str, *, discard_partial: bool = False) -> Transcript:
         """Everything stored for a conversation, in order.
@@ -728,26 +992,53 @@ class Store:
         self.db[kind].update_one({"_id": our_id}, {"$set": changes})
 
 
-def _lease_free(held: dict[str, Any], me: dict[str, Any]) -> bool:
-    if held.get("host") == me["host"]:
-        if held.get("pid") == me["pid"]:
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+
+
+def _too_large(conv_id: str, what: str, doc: dict) -> RecordTooLarge:
+    text = doc.get("content") or doc.get("answer") or ""
+    size = len(str(text).encode("utf-8")) + len(str(doc.get("raw") or "").encode("utf-8"))
+    return RecordTooLarge(
+        f"Conversation {conv_id} failed: its {what} is {size / 2**20:.1f} MB, over "
+        f"MongoDB's limit of {MAX_RECORD_MB} MB for one record, so it cannot be stored. The "
+        "model's reply ran away: lower max_tokens for this LLM (or fix what makes it "
+        "repeat itself), then `simulator resume` continues the conversation."
+    )
+
+
+def _holder(doc: Any) -> LeaseHolder | None:
+    if not isinstance(doc, dict):
+        return None
+    beat = doc.get("heartbeat")
+    return LeaseHolder(
+        host=str(doc.get("host", "")),
+        pid=int(doc.get("pid") or 0),
+        heartbeat=_utc(beat) if isinstance(beat, datetime) else None,
+        seconds=float(doc.get("seconds") or LEASE_SECONDS),
+        token=doc.get("token"),
+    )
+
+
+def _lease_free(held: LeaseHolder, me: dict[str, Any], server_now: datetime) -> bool:
+    """Whether `held` no longer holds its batch, judged by the server's clock `server_now`
+    (and, for a runner on this host, by whether its process exists)."""
+    if held.host == me["host"]:
+        if held.pid == me["pid"]:
             return True
         try:
-            os.kill(int(held["pid"]), 0)
+            os.kill(held.pid, 0)
         except ProcessLookupError:
             return True  # killed or crashed: nobody runs the batch any more
-        except (PermissionError, ValueError, KeyError, TypeError):
+        except (PermissionError, ValueError, OverflowError):
             pass
-    beat = held.get("heartbeat")
-    if not isinstance(beat, datetime):
+    if held.heartbeat is None:
         return True
-    if beat.tzinfo is None:
-        beat = beat.replace(tzinfo=timezone.utc)
-    return now() - beat > timedelta(seconds=LEASE_SECONDS)
+    return server_now - held.heartbeat > timedelta(seconds=held.seconds)
 
 
-def _busy(batch_id: str, held: dict[str, Any] | None) -> UserError:
-    who = f"process {held.get('pid')} on {held.get('host')}" if held else "another process"
+def _busy(batch_id: str, held: LeaseHolder | None) -> UserError:
+    who = str(held) if held else "another process"
     return UserError(
         f"Batch {batch_id} is being run right now by {who}. Wait for it to finish, or stop it "
         f"(Ctrl-C there, or kill it), then run `simulator resume {batch_id}` again."
@@ -812,13 +1103,14 @@ def _batch(doc: dict) -> BatchRecord:
         experiment_id=doc["experiment_id"],
         grid=grid,
         total=doc["total"],
-        status=doc["status"],
+        status=BatchStatus(doc["status"]),
         creator=doc["creator"],
         created_at=doc["created_at"],
         prepared=bool(doc.get("prepared")),
         finished_at=doc.get("finished_at"),
         error=doc.get("error"),
         elapsed=float(doc.get("elapsed") or 0.0),
+        holder=_holder(doc.get("runner")),
     )
 
 
@@ -840,7 +1132,7 @@ def _conversation(doc: dict) -> ConversationRecord:
         spec=spec,
         agents=[Agent(**a) for a in doc.get("agents", [])],
         summarizer_prompt=doc.get("summarizer_prompt", ""),
-        status=doc["status"],
+        status=ConversationStatus(doc["status"]),
         creator=doc.get("creator", ""),
         created_at=doc["created_at"],
         error=doc.get("error"),

@@ -281,3 +281,27 @@ def test_resume_continues_after_the_last_stored_message():
     ]
     assert len(agent.history) == 6  # only the missing messages were generated
     assert [e.turn for e in events if isinstance(e, Message)] == [3, 4, 1, 2, 3, 4]
+
+
+def test_manual_answer_naming_the_last_speaker_is_refused():
+    asked = []
+
+    def choose(agents, last, day, turn, today):
+        asked.append(last)
+        if last is None:
+            return agents[1].name
+        return last  # the agent who just spoke: must not be accepted
+
+    agent = scripted()
+    events: list = []
+    exp = make_experiment()
+    spec = ConversationSpec(exp.llms[0], 4, 1, {"guard": 1, "prisoner": 2}, "manual", 1)
+    conv = Conversation(
+        exp, spec, Models(agent, scripted(), scripted()), on_event=events.append, manual=choose
+    )
+    with pytest.raises(UserError, match="cannot speak now"):
+        conv.run()
+    assert asked == [None, conv.agents[1].name]
+    # only the first turn was spoken: the refused answer made no call and no message
+    assert [e.speaker for e in events if isinstance(e, Message)] == [conv.agents[1].name]
+    assert len(agent.history) == 1

@@ -7,12 +7,15 @@ reproducible, so a resumed batch must equal an uninterrupted one exactly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,8 +26,9 @@ from pymongo import MongoClient
 from typer.testing import CliRunner
 
 from simulator.cli import app
+from simulator.conversation import SELECTOR_SYSTEM
 from simulator.store import Store
-from tests.servers import write_experiment
+from tests.servers import FakeLLMServer, echo_reply, write_experiment
 
 # 6 conversations (3 round-robin, 3 auto-selected) x 6 messages over 2 days: 48 messages and
 # summaries, plus the selector calls of the auto ones.
@@ -152,43 +156,107 @@ def expected(settings, env_for, tmp_path) -> dict[int, Any]:
     return reference(settings, env_for, tmp_path)
 
 
-def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(
-    settings, env_for, db, tmp_path, expected
-):
-    cli = Cli(tmp_path, env_for(settings))
-    store = Store(db, "alice")
-    base = db.messages.count_documents({}) + db.summaries.count_documents({})
+class GatedLLM:
+    """A local Ollama-compatible server that holds every call once the batch has stored
+    `target` rows (messages + summaries), until the next gate is set.
 
-    def progress() -> int:
-        return db.messages.count_documents({}) + db.summaries.count_documents({}) - base
+    This makes the kill points deterministic: a batch held at the gate cannot finish
+    before it is killed, however slow the machine (with a fixed model latency and a
+    sleep, the kill at 43 of 48 rows once came after the batch had finished). At most the
+    calls already answered (one per conversation thread) add rows past the target.
+    """
 
-    def batch_id() -> str | None:
-        doc = db.batches.find_one({"creator": "alice"})
-        return doc["_id"] if doc else None
+    def __init__(self, rows: Callable[[], int]):
+        self.rows = rows
+        self.lock = threading.Lock()
+        self.target: int | None = None  # None: no gate
+        self.held = threading.Event()  # a call is being held
+        self.release = threading.Event()
+        self.server = FakeLLMServer(models={"m1:latest"}, reply=self.reply)
 
-    rng = random.Random(5)
-    # Kill points spread over the whole batch: as soon as the batch exists (preparing),
-    # then after ever more stored messages and summaries, each followed by a random few
-    # milliseconds, so kills also land between the writes of one turn or conversation.
-    kills = [0, 3, 7, 12, 17, 22, 27, 32, 37, 43]
-    args = ["run", experiment_file(tmp_path, 0.01), *GRID, "--concurrency", "2", "--plain"]
-    for stored in kills:
-        proc = cli.start(*args)
-        wait_until(
-            lambda s=stored: batch_id() is not None and progress() >= s, proc, f"{stored} rows"
+    def reply(self, body: dict[str, Any]) -> str:
+        with self.lock:
+            target, release, held = self.target, self.release, self.held
+        if target is not None and self.rows() >= target:
+            held.set()
+            release.wait(60)
+        return deterministic_reply(body)
+
+    def gate(self, target: int | None) -> None:
+        """Let the calls held so far go (their process is dead) and hold at `target`."""
+        with self.lock:
+            self.release.set()
+            self.release, self.held, self.target = threading.Event(), threading.Event(), target
+
+
+def deterministic_reply(body: dict[str, Any]) -> str:
+    """A reply that depends on the request only; the speaker selector gets a valid name."""
+    messages = body.get("messages") or [{}]
+    text = json.dumps(messages, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).digest()
+    if messages[0].get("content") == SELECTOR_SYSTEM:
+        names = sorted(set(re.findall(r"\b[A-Z][a-z]+_\d{3}\b", str(messages[-1]["content"]))))
+        if names:
+            return names[digest[0] % len(names)]
+    return f"Point {digest[1] % 7}: {echo_reply(body)[:60]}"
+
+
+def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(settings, env_for, db, tmp_path):
+    def stored_rows() -> int:
+        return db.messages.count_documents({}) + db.summaries.count_documents({})
+
+    base = [0]
+    gated = GatedLLM(lambda: stored_rows() - base[0])
+    with gated.server as server:
+        yaml = write_experiment(
+            tmp_path / "gated.yaml",
+            # Ollama's client: it imports in half the time of OpenAI's (11 processes start)
+            f"{{model: m1, provider: ollama, base_url: '{server.url}'}}",
+            "kill-resume",
         )
-        time.sleep(rng.uniform(0, 0.015))
-        proc.kill()
-        proc.wait()
-        Cli.output(proc)
-        assert proc.returncode == -signal.SIGKILL, "the batch finished before it was killed"
-        args = ["resume", str(batch_id()), "--concurrency", "2", "--plain"]
-    assert 0 < progress() < ROWS
-    final = cli.start(*args)
-    final.wait(timeout=60)
-    out, err = Cli.output(final)
-    assert final.returncode == 0, out + err
-    check_batch(store, str(batch_id()), expected)
+        # the same grid uninterrupted (in-process, as bob): what every resumed run must equal
+        bob = {**env_for(settings), "SIMULATOR_USER": "bob"}
+        result = CliRunner().invoke(app, ["run", yaml, *GRID, "--plain"], env=bob)
+        assert result.exit_code == 0, result.output
+        bob_store = Store(db, "bob")
+        (ref,) = bob_store.list_batches()
+        expected = transcripts(bob_store, ref.id)
+        base[0] = stored_rows()
+
+        cli = Cli(tmp_path, env_for(settings))
+        store = Store(db, "alice")
+
+        def batch_id() -> str | None:
+            doc = db.batches.find_one({"creator": "alice"})
+            return doc["_id"] if doc else None
+
+        rng = random.Random(5)
+        # Kill points spread over the whole batch: as soon as the batch exists (preparing),
+        # then once ever more messages and summaries are stored, each after a random few
+        # milliseconds, so kills also land between the writes of one turn or conversation.
+        kills = [0, 3, 7, 12, 17, 22, 27, 32, 37, 43]
+        args = ["run", yaml, *GRID, "--concurrency", "2", "--plain"]
+        for stored in kills:
+            gated.gate(stored)
+            proc = cli.start(*args)
+            if stored == 0:
+                wait_until(lambda: batch_id() is not None, proc, "the batch")
+            else:
+                wait_until(gated.held.is_set, proc, f"{stored} rows")
+            time.sleep(rng.uniform(0, 0.015))
+            proc.kill()
+            proc.wait()
+            Cli.output(proc)
+            assert proc.returncode == -signal.SIGKILL, "the batch finished before it was killed"
+            assert stored <= stored_rows() - base[0] <= stored + 2
+            args = ["resume", str(batch_id()), "--concurrency", "2", "--plain"]
+        gated.gate(None)
+        assert 0 < stored_rows() - base[0] < ROWS
+        final = cli.start(*args)
+        final.wait(timeout=60)
+        out, err = Cli.output(final)
+        assert final.returncode == 0, out + err
+        check_batch(store, str(batch_id()), expected)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
