@@ -445,6 +445,12 @@ def _llm_problems(spec: ModelSpec, path: str) -> list[str]:
         value = getattr(spec, key)
         if value is not None and not ok(value):
             problems.append(f"{path}.{key}: {value!r} is not allowed; use {allowed} ({spec.label})")
+    timeout = spec.extra.get("timeout")
+    if timeout is not None and not (_is_number(timeout) and timeout > 0):
+        problems.append(
+            f"{path}.timeout: {timeout!r} is not allowed; use the seconds one request may "
+            f"take, e.g. 300 (overrides SIMULATOR_REQUEST_TIMEOUT for {spec.label})"
+        )
     return problems
 
 

@@ -67,6 +67,7 @@ class ProgressEvent:
     retries: int = 0  # message/summary/selector: failed attempts before the call succeeded
     total: int = 0  # started: conversations in the batch
     remaining: int = 0  # started: conversations this run will work on
+    delay: float = 0.0  # retry: seconds until the next attempt
 
 
 @dataclass
@@ -118,6 +119,7 @@ def options_from_settings(
             attempts=settings.retry_attempts,
             base_delay=settings.retry_base_delay,
             max_delay=settings.retry_max_delay,
+            timeout=settings.request_timeout,
         ),
         manual=manual,
         on_warning=on_warning,
@@ -425,7 +427,7 @@ class _BatchRun:
             raise Interrupted()
 
     def _on_retry(self, error: ProviderError, attempt: int, delay: float) -> None:
-        self.notify(ProgressEvent("retry", self.batch.id, error=str(error)))
+        self.notify(ProgressEvent("retry", self.batch.id, error=str(error), delay=delay))
 
     # --- the end ---------------------------------------------------------------------------
 

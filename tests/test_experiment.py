@@ -253,6 +253,7 @@ BAD_INPUTS: list[tuple[str, str | Mutation, list[str]]] = [
     ("context_length negative", _set("llms.0.context_length", -1), ["llms[0].context_length: -1", "positive whole number"]),
     ("max_tokens zero", _set("llms.0.max_tokens", 0), ["llms[0].max_tokens: 0", "positive whole number"]),
     ("max_tokens bool", _set("llms.0.max_tokens", True), ["llms[0].max_tokens: True"]),
+    ("timeout not a number", _set("llms.0.timeout", "long"), ["llms[0].timeout: 'long' is not allowed", "SIMULATOR_REQUEST_TIMEOUT"]),
     ("selector llm", _set("selector_llm", {"model": "x", "top_p": 2}), ["selector_llm.top_p: 2"]),
     ("favourite not bool", _set("favourite", 3), ["favourite: expected true or false"]),
     ("name a number", _set("name", 2024), ["name: expected text", "put it in quotes"]),
