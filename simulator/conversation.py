@@ -220,8 +220,10 @@ class Conversation:
         agents: list[Agent] | None = None,
         on_event: Callable[[Event], Any] | None = None,
         manual: ManualChooser | None = None,
+        templates: prompts.Templates | None = None,
     ):
         self.exp = exp
+        self.templates = templates or prompts.shipped_templates()
         self.spec = spec
         self.models = models
         self.agents = agents if agents is not None else build_agents(exp, spec)
@@ -290,7 +292,7 @@ class Conversation:
         transcript = prompts.format_transcript([(m.speaker, m.content) for m in today])
         request: list[ChatMessage] = [
             {"role": "system", "content": self.summarizer_prompt},
-            {"role": "user", "content": prompts.summary_request(day, transcript)},
+            {"role": "user", "content": prompts.summary_request(day, transcript, self.templates)},
         ]
         usage = Usage()
         text = ""
@@ -353,7 +355,7 @@ class Conversation:
             {
                 "role": "user",
                 "content": prompts.selector_request(
-                    described, prompts.format_transcript(lines), last
+                    described, prompts.format_transcript(lines), last, self.templates
                 ),
             },
         ]

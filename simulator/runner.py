@@ -93,6 +93,7 @@ class RunOptions:
     on_warning: Callable[[str], None] | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     grace: float = 5.0  # seconds calls in flight get to finish once the batch stops
+    templates: prompts.Templates | None = None  # None: the shipped ones
 
 
 def options_from_settings(
@@ -123,6 +124,7 @@ def options_from_settings(
         ),
         manual=manual,
         on_warning=on_warning,
+        templates=prompts.Templates.load(settings.prompts_dir),  # read once per batch
     )
 
 
@@ -556,7 +558,13 @@ def _run_one(
             raise Interrupted()
 
     conversation = Conversation(
-        exp, record.spec, models, agents=record.agents, on_event=on_event, manual=options.manual
+        exp,
+        record.spec,
+        models,
+        agents=record.agents,
+        on_event=on_event,
+        manual=options.manual,
+        templates=options.templates,
     )
     try:
         transcript = conversation.run(done)
