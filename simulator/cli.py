@@ -134,6 +134,8 @@ def import_experiment(store: Store, path: Path) -> tuple[Experiment, bool]:
 def experiment_ref(store: Store, ref: str) -> Experiment:
     """An experiment given as a YAML file (imported on the way) or an id prefix."""
     path = Path(ref)
+    if path.is_dir():
+        load_experiment(path)  # says it is a folder, not an experiment file
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise UserError(f"{ref}: no such file. Give a YAML file or an experiment id.")

@@ -127,21 +127,6 @@ class Transcript:
 
 
 @dataclass
-class Templates:
-    """The `prompts/` templates a conversation fills: read once per batch, not per call."""
-
-    summary: str
-    selector: str
-
-    @classmethod
-    def load(cls) -> Templates:
-        return cls(
-            prompts.load_template(prompts.SUMMARY_TEMPLATE),
-            prompts.load_template(prompts.SELECTOR_TEMPLATE),
-        )
-
-
-@dataclass
 class Models:
     """The models one conversation talks to."""
 
@@ -236,13 +221,14 @@ class Conversation:
         on_event: Callable[[Event], Any] | None = None,
         manual: ManualChooser | None = None,
         summarizer_prompt: str | None = None,
-        templates: Templates | None = None,
+        templates: prompts.Templates | None = None,
     ):
         """`summarizer_prompt`: the one stored with the conversation (a resumed
         conversation keeps the prompt it started with, even if the experiment's sections
         would compose another today); None composes it. `templates`: read once for a
         batch; None reads them now."""
         self.exp = exp
+        self.templates = templates or prompts.shipped_templates()
         self.spec = spec
         self.models = models
         self.agents = agents if agents is not None else build_agents(exp, spec)
@@ -250,7 +236,6 @@ class Conversation:
         self.manual = manual
         self.role_names = [r.name for r in exp.roles]
         self.summarizer_prompt = summarizer_prompt or prompts.summarizer_prompt(exp, spec.agents)
-        self.templates = templates or Templates.load()
         self.starting_message = prompts.starting_message(exp, spec.agents)
         if spec.speaker == "manual" and manual is None and len(self.agents) > 2:
             raise UserError("Speaker method 'manual' needs a terminal to choose speakers.")
@@ -312,10 +297,7 @@ class Conversation:
         transcript = prompts.format_transcript([(m.speaker, m.content) for m in today])
         request: list[ChatMessage] = [
             {"role": "system", "content": self.summarizer_prompt},
-            {
-                "role": "user",
-                "content": prompts.summary_request(day, transcript, self.templates.summary),
-            },
+            {"role": "user", "content": prompts.summary_request(day, transcript, self.templates)},
         ]
         usage = Usage()
         text = ""
@@ -378,7 +360,7 @@ class Conversation:
             {
                 "role": "user",
                 "content": prompts.selector_request(
-                    described, prompts.format_transcript(lines), last, self.templates.selector
+                    described, prompts.format_transcript(lines), last, self.templates
                 ),
             },
         ]

@@ -249,6 +249,7 @@ class ProgressView:
         self.lock = threading.Lock()
         self.total = self.done = self.failed = self.running = self.messages = 0
         self.tokens_in = self.tokens_out = self.retries = 0
+        self.waiting: tuple[float, str] | None = None  # (monotonic end, why) of a retry wait
         self.started = time.monotonic()
         self._progress: Progress | None = None
         self._live: Live | None = None
@@ -283,6 +284,11 @@ class ProgressView:
         elif e.kind == "retry":
             # Counted as they happen (Reply.retries would only tell once the call succeeds).
             self.retries += 1
+            if e.delay >= 1:  # a wait worth showing: the batch may look stuck meanwhile
+                why = (e.error or "").splitlines()[0][:120] if e.error else "a failed call"
+                self.waiting = (time.monotonic() + e.delay, why)
+                if not self.live:
+                    self._line(f"retrying in {e.delay:.0f} s ({why})")
         elif e.kind == "conversation_started":
             self.running += 1
         elif e.kind == "conversation_finished":
@@ -320,6 +326,12 @@ class ProgressView:
             f"{self.messages / elapsed:.1f} msg/s · ETA {eta}"
         )
 
+    def _waiting_text(self) -> str:
+        if self.waiting is None:
+            return ""
+        left = self.waiting[0] - time.monotonic()
+        return f" · retrying in {left:.0f} s ({self.waiting[1]})" if left > 0 else ""
+
     def _line(self, text: str) -> None:
         # Printed above the live display when there is one.
         self.console.print(text, markup=False, highlight=False)
@@ -347,7 +359,7 @@ class ProgressView:
         stats = Text(
             f"{self.running} running · messages {self.messages} · tokens in {self.tokens_in} / "
             f"out {self.tokens_out} · failures {self.failed} · retries {self.retries} · "
-            f"{self.messages / elapsed:.1f} msg/s",
+            f"{self.messages / elapsed:.1f} msg/s{self._waiting_text()}",
             style="dim",
         )
         assert self._progress is not None

@@ -13,7 +13,13 @@ from typing import Any, NoReturn
 import yaml
 
 from simulator.errors import UserError, ValidationError
-from simulator.placeholders import RESERVED_ROLE_NAMES, explain, find_invalid, valid_tags
+from simulator.placeholders import (
+    ESCAPE_HINT,
+    RESERVED_ROLE_NAMES,
+    explain,
+    find_invalid,
+    valid_tags,
+)
 
 PROVIDERS = ("ollama", "openai", "scripted", "llamacpp")
 SPEAKER_METHODS = ("round_robin", "random", "auto", "manual")
@@ -136,10 +142,20 @@ _SAMPLING_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 
 def load_experiment(path: str | Path) -> Experiment:
     """Read and validate an experiment YAML file."""
+    if Path(path).is_dir():
+        raise UserError(
+            f"{path} is a folder, not an experiment file: give the path of a .yaml file "
+            "(e.g. experiments/prison.yaml)"
+        )
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise UserError(f"{path}: cannot read the experiment file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}): an "
+            "experiment file is YAML text saved as UTF-8; re-save it with that encoding"
+        ) from None
     return experiment_from_yaml(text, str(path))
 
 
@@ -224,7 +240,10 @@ def validate_experiment(exp: Experiment, source: str) -> None:
     if problems:
         lines = [f"{source}: {p}" for p in problems]
         if bad_tags:
-            lines.append(f"Placeholders valid in this experiment: {', '.join(valid_tags(names))}")
+            lines.append(
+                f"Placeholders valid in this experiment: {', '.join(valid_tags(names))}; "
+                f"{ESCAPE_HINT}"
+            )
         raise ValidationError("\n".join(lines))
 
 
@@ -426,6 +445,12 @@ def _llm_problems(spec: ModelSpec, path: str) -> list[str]:
         value = getattr(spec, key)
         if value is not None and not ok(value):
             problems.append(f"{path}.{key}: {value!r} is not allowed; use {allowed} ({spec.label})")
+    timeout = spec.extra.get("timeout")
+    if timeout is not None and not (_is_number(timeout) and timeout > 0):
+        problems.append(
+            f"{path}.timeout: {timeout!r} is not allowed; use the seconds one request may "
+            f"take, e.g. 300 (overrides SIMULATOR_REQUEST_TIMEOUT for {spec.label})"
+        )
     return problems
 
 

@@ -4,6 +4,8 @@ A role tag is `<ROLE_KIND>`: the role name in capitals, an underscore, then one 
 NUM, NOUN, POSS, PRON, POSSPRON or VERB_X for any verb X in its base form
 (`<GUARD_VERB_MAKE>` gives "makes" for one guard, "make" for several).
 `<AGENTS_NUM>` and `<ROLES_NUM>` count the agents and the roles of a conversation.
+Text that should reach the model as `<END>` is written doubled, `<<END>>`: never filled,
+never flagged, rendered as `<END>` (`escape` does the reverse).
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ _TAG_RE = re.compile(r"<([A-Z][A-Z0-9]*)_(NUM|NOUN|POSS|PRON|POSSPRON|VERB_[A-Z]
 # `a < b`, `<3` and `x<=y` never match; whether a match is meant as a tag is `_looks_like_tag`.
 _CANDIDATE_RE = re.compile(r"<([A-Za-z][A-Za-z0-9_]*)(>?)")
 _VERB_RE = re.compile(r"VERB_[A-Z]+")
+# Literal text: `<<END>>` renders as `<END>`. Matched before tags, so `<<GUARD_NUM>>` is
+# the text `<GUARD_NUM>`, not a doubled bracket around a number.
+_ESCAPED_RE = re.compile(r"<<([A-Za-z][A-Za-z0-9_]*)>>")
+_FILL_RE = re.compile(f"{_ESCAPED_RE.pattern}|{_TAG_RE.pattern}")
+_CLOSED_RE = re.compile(r"<([A-Za-z][A-Za-z0-9_]*)>")
+ESCAPE_HINT = "to write a literal <WORD> for the model, double the brackets: <<WORD>>"
 
 _MODALS = frozenset({"can", "could", "may", "might", "must", "shall", "should", "will", "would"})
 _ES_ENDINGS = ("s", "sh", "ch", "x", "z", "o")
@@ -91,7 +99,9 @@ def fill(text: str, counts: dict[str, int]) -> str:
     totals = {"AGENTS_NUM": str(sum(counts.values())), "ROLES_NUM": str(len(counts))}
 
     def replace(m: re.Match[str]) -> str:
-        prefix, kind = m.groups()
+        literal, prefix, kind = m.groups()
+        if literal is not None:
+            return f"<{literal}>"
         whole = f"{prefix}_{kind}"
         if whole in totals:
             return totals[whole]
@@ -100,7 +110,12 @@ def fill(text: str, counts: dict[str, int]) -> str:
         name, n = roles[prefix]
         return role_tag_value(name, kind, n)
 
-    return _TAG_RE.sub(replace, text)
+    return _FILL_RE.sub(replace, text)
+
+
+def escape(text: str) -> str:
+    """`text` written so that `fill` gives it back unchanged: `<END>` -> `<<END>>`."""
+    return _CLOSED_RE.sub(r"<<\1>>", text)
 
 
 def valid_tags(role_names: list[str]) -> list[str]:
@@ -113,7 +128,7 @@ def find_invalid(text: str, role_names: list[str]) -> list[str]:
     """Unknown or malformed tags, as written in `text`, each once, in order of appearance."""
     prefixes = {r.upper() for r in role_names}
     found: list[str] = []
-    for m in _CANDIDATE_RE.finditer(text):
+    for m in _CANDIDATE_RE.finditer(_ESCAPED_RE.sub("", text)):
         body, closed = m.groups()
         if closed and _is_valid(body, prefixes):
             continue
@@ -144,9 +159,11 @@ def explain(tag: str, role_names: list[str]) -> str:
     verb = rest if _VERB_RE.fullmatch(rest) else "VERB_BE"
     choices = [f"{r}_{kind}" for r in sorted(prefixes) for kind in (*KINDS, verb)]
     close = difflib.get_close_matches(upper, [*choices, *GLOBAL_TAGS], n=1, cutoff=0.6)
+    # Literal text (`<END>` in a format the model should follow) has an escape: say it.
+    text = f" (if it is text for the model, write <{tag}>)" if closed else ""
     if close:
-        return f"{tag}: unknown placeholder; did you mean <{close[0]}>?"
-    return f"{tag}: unknown placeholder"
+        return f"{tag}: unknown placeholder; did you mean <{close[0]}>?{text}"
+    return f"{tag}: unknown placeholder{text}"
 
 
 def _is_valid(body: str, prefixes: set[str]) -> bool:

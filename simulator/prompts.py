@@ -1,9 +1,16 @@
-"""Compose agent and summarizer prompts from sections (SPEC §1) and fill the `prompts/` templates."""
+"""Compose agent and summarizer prompts from sections (SPEC §1) and fill the templates.
+
+The summary and speaker-selection templates ship inside the package
+(`simulator/data/prompts/`); SIMULATOR_PROMPTS_DIR points at a folder of one's own. They are
+read once per batch (`Templates.load`), not per call.
+"""
 
 from __future__ import annotations
 
-import os
+import functools
 import re
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from simulator.errors import UserError
@@ -55,11 +62,59 @@ def format_transcript(lines: list[tuple[str, str]]) -> str:
     return "\n\n".join(f"{speaker}: {content.strip()}" for speaker, content in lines)
 
 
-def summary_request(day: int, transcript: str, template: str | None = None) -> str:
-    """The user message asking the summarizer to summarize one day (`template`: the
-    summary template, read once by the caller; None reads it now)."""
-    if template is None:
-        template = load_template(SUMMARY_TEMPLATE)
+@dataclass(frozen=True)
+class Templates:
+    """The summary and speaker-selection templates, read once and shared by a batch."""
+
+    summary: str
+    selector: str
+    source: str  # where they were read from, for messages
+
+    @classmethod
+    def load(cls, directory: Path | None = None) -> Templates:
+        """Read them from `directory` (SIMULATOR_PROMPTS_DIR), else the shipped ones."""
+        if directory is None:
+            return shipped_templates()
+        return cls(
+            summary=_read(Path(directory) / SUMMARY_TEMPLATE),
+            selector=_read(Path(directory) / SELECTOR_TEMPLATE),
+            source=str(directory),
+        )
+
+
+@functools.cache
+def shipped_templates() -> Templates:
+    """The templates inside the package (package data, so a wheel install has them)."""
+    folder = resources.files("simulator") / "data" / "prompts"
+    try:
+        return Templates(
+            summary=(folder / SUMMARY_TEMPLATE).read_text(encoding="utf-8"),
+            selector=(folder / SELECTOR_TEMPLATE).read_text(encoding="utf-8"),
+            source=str(folder),
+        )
+    except OSError as exc:
+        raise UserError(
+            f"{folder}: the prompt templates shipped with the simulator are missing "
+            f"({exc.strerror}): reinstall it, or point SIMULATOR_PROMPTS_DIR at a folder with "
+            f"{SUMMARY_TEMPLATE} and {SELECTOR_TEMPLATE}"
+        ) from None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(
+            f"{path}: cannot read the prompt template ({exc.strerror}); "
+            "restore it or point SIMULATOR_PROMPTS_DIR at a folder that has it"
+        ) from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: the prompt template is not UTF-8 text; re-save it") from None
+
+
+def summary_request(day: int, transcript: str, templates: Templates | None = None) -> str:
+    """The user message asking the summarizer to summarize one day."""
+    template = (templates or shipped_templates()).summary
     return render(template, day=str(day), transcript=transcript).strip()
 
 
@@ -67,15 +122,14 @@ def selector_request(
     agents: list[tuple[str, str, str]],
     transcript: str,
     last_speaker: str | None,
-    template: str | None = None,
+    templates: Templates | None = None,
 ) -> str:
     """The message asking the selector model for the next speaker.
 
     `agents` holds (name, role, role description). Without a last speaker, the template
     lines that mention `{last_speaker}` are left out.
     """
-    if template is None:
-        template = load_template(SELECTOR_TEMPLATE)
+    template = (templates or shipped_templates()).selector
     if last_speaker is None:
         template = "".join(
             line for line in template.splitlines(keepends=True) if "{last_speaker}" not in line
@@ -88,24 +142,6 @@ def selector_request(
         template, agents=listing, transcript=transcript, last_speaker=last_speaker or ""
     )
     return filled.strip()
-
-
-def prompts_dir() -> Path:
-    """The template folder: $SIMULATOR_PROMPTS_DIR, else the project's `prompts/`."""
-    override = os.environ.get("SIMULATOR_PROMPTS_DIR")
-    return Path(override) if override else Path(__file__).resolve().parent.parent / "prompts"
-
-
-def load_template(name: str) -> str:
-    """Read one template from prompts_dir()."""
-    path = prompts_dir() / name
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UserError(
-            f"{path}: cannot read the prompt template ({exc.strerror}); "
-            "restore it or point SIMULATOR_PROMPTS_DIR at a folder that has it"
-        ) from None
 
 
 def render(template: str, **values: str) -> str:

@@ -34,7 +34,6 @@ from simulator.conversation import (
     Models,
     SelectorCall,
     Summary,
-    Templates,
     build_agents,
 )
 from simulator.errors import (
@@ -79,6 +78,7 @@ class ProgressEvent:
     retries: int = 0  # message/summary/selector: failed attempts before the call succeeded
     total: int = 0  # started: conversations in the batch
     remaining: int = 0  # started: conversations this run will work on
+    delay: float = 0.0  # retry: seconds until the next attempt
 
 
 @dataclass
@@ -107,6 +107,7 @@ class RunOptions:
     grace: float = 5.0  # seconds calls in flight get to finish once the batch stops
     # A runner silent for this long loses the batch to another process (heartbeat every third).
     lease_seconds: float = LEASE_SECONDS
+    templates: prompts.Templates | None = None  # None: the shipped ones
 
 
 def options_from_settings(
@@ -133,9 +134,11 @@ def options_from_settings(
             attempts=settings.retry_attempts,
             base_delay=settings.retry_base_delay,
             max_delay=settings.retry_max_delay,
+            timeout=settings.request_timeout,
         ),
         manual=manual,
         on_warning=on_warning,
+        templates=prompts.Templates.load(settings.prompts_dir),  # read once per batch
     )
 
 
@@ -178,7 +181,7 @@ def start_batch(store: Store, exp: Experiment, grid: Grid, options: RunOptions) 
     """Create a batch for `grid` and run it to the end (or until it stops)."""
     _refuse_manual_without_chooser(grid.speakers, options)
     failure_threshold(options.max_failures, grid.size())  # a bad value fails before any write
-    templates = Templates.load()  # a missing template fails before any write
+    templates = options.templates or prompts.shipped_templates()  # fails before any write
     _preflight(exp, grid, options)  # an unreachable endpoint fails before any write
     with _storage_errors(None):
         batch = store.create_batch(exp, grid)
@@ -207,7 +210,7 @@ def resume_batch(store: Store, ref: str, options: RunOptions) -> BatchReport:
         return _mark_finished(store, batch, exp, options)
     _refuse_manual_without_chooser(batch.grid.speakers, options)
     failure_threshold(options.max_failures, batch.total)
-    templates = Templates.load()
+    templates = options.templates or prompts.shipped_templates()
     _preflight(exp, batch.grid, options)
     return _run(store, batch, exp, options, templates)
 
@@ -289,7 +292,11 @@ def _storage_errors(batch_id: str | None) -> Iterator[None]:
 
 
 def _run(
-    store: Store, batch: BatchRecord, exp: Experiment, options: RunOptions, templates: Templates
+    store: Store,
+    batch: BatchRecord,
+    exp: Experiment,
+    options: RunOptions,
+    templates: prompts.Templates,
 ) -> BatchReport:
     run = _BatchRun(store, batch, exp, options, templates)
     with (
@@ -309,7 +316,7 @@ class _BatchRun:
         batch: BatchRecord,
         exp: Experiment,
         options: RunOptions,
-        templates: Templates,
+        templates: prompts.Templates,
     ):
         self.store = store
         self.batch = batch
@@ -528,7 +535,7 @@ class _BatchRun:
             raise Interrupted()
 
     def _on_retry(self, error: ProviderError, attempt: int, delay: float) -> None:
-        self.notify(ProgressEvent("retry", self.batch.id, error=str(error)))
+        self.notify(ProgressEvent("retry", self.batch.id, error=str(error), delay=delay))
 
     # --- the end ---------------------------------------------------------------------------
 
@@ -610,7 +617,7 @@ def _run_one(
     batch_id: str,
     writes: _Writes,
     lease: Lease,
-    templates: Templates,
+    templates: prompts.Templates,
 ) -> None:
     if options.stop.is_set():
         raise Interrupted()

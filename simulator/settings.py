@@ -57,7 +57,8 @@ class Settings:
     concurrency: int | None = None  # None = the provider's default
     retry_attempts: int = 5  # attempts per LLM call in all (retries = attempts - 1)
     retry_base_delay: float = 0.5  # seconds before the first retry; doubles each time
-    retry_max_delay: float = 30.0  # cap on one delay (a server's Retry-After wins)
+    retry_max_delay: float = 30.0  # cap on one wait; a longer Retry-After fails the call
+    request_timeout: float = 120.0  # seconds one LLM request may take before it is retried
 
     def __repr__(self) -> str:
         # repr is what ends up in logs and tracebacks: never show secrets.
@@ -209,6 +210,7 @@ _VARIABLES: dict[str, tuple[str, type]] = {
     "retry_attempts": ("SIMULATOR_RETRY_ATTEMPTS", int),
     "retry_base_delay": ("SIMULATOR_RETRY_BASE_DELAY", float),
     "retry_max_delay": ("SIMULATOR_RETRY_MAX_DELAY", float),
+    "request_timeout": ("SIMULATOR_REQUEST_TIMEOUT", float),
 }
 _MINIMUM = {
     "embedded_port": 0,
@@ -217,6 +219,7 @@ _MINIMUM = {
     "retry_attempts": 1,
     "retry_base_delay": 0,
     "retry_max_delay": 0,
+    "request_timeout": 0.001,
 }
 
 

@@ -7,7 +7,8 @@
 
 Loopback only (127.0.0.1, a free port). Fault injection: `fail_next(429, 500)` for exact
 sequences, `fail_rate` for a seeded random share of chat calls, `down = True` to drop every
-connection (or answer 503 with `down_mode="503"`).
+connection (or answer 503 with `down_mode="503"`), `hang = True` to take chat calls and
+never answer them (they are counted; `stop()` lets them go).
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ class FakeLLMServer:
         self.api_key = api_key  # when set, /v1 routes require "Authorization: Bearer <key>"
         self.down = False
         self.down_mode = down_mode  # "close": drop the connection unanswered; "503": answer 503
+        self.hang = False  # chat calls are received and counted, then never answered
+        self._release = threading.Event()  # set by stop(): hanging handlers give up
         self.requests: list[dict[str, Any]] = []  # {"method", "path", "body", "headers"}
         self.calls = 0  # chat requests received (failed ones included)
         self.in_flight = 0
@@ -102,6 +105,7 @@ class FakeLLMServer:
         return self
 
     def stop(self) -> None:
+        self._release.set()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -274,6 +278,10 @@ class _Handler(BaseHTTPRequestHandler):
         fake, openai = self.fake, self.path.startswith("/v1/")
         status = fake._enter_chat()
         try:
+            if fake.hang:
+                fake._release.wait(60)  # the client times out long before
+                self.close_connection = True
+                return
             if fake.latency:
                 time.sleep(fake.latency)
             if status is not None:

@@ -125,6 +125,61 @@ def test_unreadable_file(tmp_path: Path) -> None:
         load_experiment(tmp_path / "missing.yaml")
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "name: caf\u00e9\n".encode("latin-1"),  # latin-1: \xe9 alone is not UTF-8
+        b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",  # a picture saved as .yaml
+    ],
+    ids=["latin-1", "binary"],
+)
+def test_file_that_is_not_utf8_text(tmp_path: Path, raw: bytes) -> None:
+    path = tmp_path / "odd.yaml"
+    path.write_bytes(raw)
+    with pytest.raises(UserError) as info:
+        load_experiment(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: not UTF-8 text")
+    assert "YAML text saved as UTF-8" in message
+
+
+def test_folder_given_as_experiment_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="is a folder, not an experiment file"):
+        load_experiment(tmp_path)
+
+
+def test_literal_angle_text_escaped_and_round_trips(tmp_path: Path) -> None:
+    """`<<END>>` is how a section says `<END>` to the model; it survives export/import."""
+    data = copy.deepcopy(BASE)
+    data["roles"]["guard"]["sections"]["format"] = "Answer in <<answer_text>>, then <<END>>."
+    data["starting_message"] = "Start, <<GUARD_NUM>> is literal, <GUARD_NUM> is not"
+    path = tmp_path / "lit.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    exp = load_experiment(path)  # not rejected as unknown placeholders
+    again = tmp_path / "again.yaml"
+    save_experiment(exp, again)
+    back = load_experiment(again)
+    assert back == exp
+    assert back.role("guard").sections["format"] == "Answer in <<answer_text>>, then <<END>>."
+    from simulator.prompts import agent_prompt, starting_message
+
+    prompt = agent_prompt(back, "guard", {"guard": 2, "prisoner": 1})
+    assert "## Format\n\nAnswer in <answer_text>, then <END>." in prompt
+    assert starting_message(back, {"guard": 2}) == "Start, <GUARD_NUM> is literal, 2 is not"
+
+
+def test_unknown_tag_error_offers_the_escape(tmp_path: Path) -> None:
+    data = copy.deepcopy(BASE)
+    data["roles"]["guard"]["sections"]["format"] = "End with <END>."
+    path = tmp_path / "end.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    with pytest.raises(ValidationError) as info:
+        load_experiment(path)
+    message = str(info.value)
+    assert "<END>: unknown placeholder (if it is text for the model, write <<END>>)" in message
+    assert "double the brackets: <<WORD>>" in message
+
+
 def test_validate_programmatic_experiment() -> None:
     exp = Experiment(
         name="x", starting_message="go", llms=[ModelSpec(model="m", top_k=0)], roles=[]
@@ -198,6 +253,7 @@ BAD_INPUTS: list[tuple[str, str | Mutation, list[str]]] = [
     ("context_length negative", _set("llms.0.context_length", -1), ["llms[0].context_length: -1", "positive whole number"]),
     ("max_tokens zero", _set("llms.0.max_tokens", 0), ["llms[0].max_tokens: 0", "positive whole number"]),
     ("max_tokens bool", _set("llms.0.max_tokens", True), ["llms[0].max_tokens: True"]),
+    ("timeout not a number", _set("llms.0.timeout", "long"), ["llms[0].timeout: 'long' is not allowed", "SIMULATOR_REQUEST_TIMEOUT"]),
     ("selector llm", _set("selector_llm", {"model": "x", "top_p": 2}), ["selector_llm.top_p: 2"]),
     ("favourite not bool", _set("favourite", 3), ["favourite: expected true or false"]),
     ("name a number", _set("name", 2024), ["name: expected text", "put it in quotes"]),

@@ -497,31 +497,6 @@ def test_agent_requests_carry_the_other_speakers_labels_as_stop_sequences(db, tm
         assert f"\n{speaker.name}:" not in stop
 
 
-def test_templates_are_read_once_per_batch(db, tmp_path, monkeypatch):
-    from simulator import prompts
-
-    folder = tmp_path / "prompts"
-    folder.mkdir()
-    for name in (prompts.SUMMARY_TEMPLATE, prompts.SELECTOR_TEMPLATE):
-        (folder / name).write_text(prompts.load_template(name))
-    monkeypatch.setenv("SIMULATOR_PROMPTS_DIR", str(folder))
-    store = Store.open(db, "alice")
-    path = write_experiment(tmp_path / "s.yaml", "{model: scripted, provider: scripted}")
-    exp = store.insert_experiment(load_experiment(path))
-    opts = options()
-
-    def on_progress(event: ProgressEvent) -> None:
-        if event.kind == "message":  # the templates go away once the batch runs
-            for name in (prompts.SUMMARY_TEMPLATE, prompts.SELECTOR_TEMPLATE):
-                (folder / name).unlink(missing_ok=True)
-
-    opts.on_progress = on_progress
-    g = grid(exp, messages=4, days=2, repetitions=2, agents="guard=1,prisoner=2", speakers=["auto"])
-    report = start_batch(store, exp, g, opts)
-    assert report.status == "completed", report.failures
-    assert db.summaries.count_documents({"batch_id": report.batch_id}) == 4
-
-
 def test_a_conversation_is_finished_only_by_the_run_that_runs_it(db):
     from simulator.store import Lease
 

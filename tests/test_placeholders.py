@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from simulator.placeholders import explain, fill, find_invalid, valid_tags
+from simulator.placeholders import escape, explain, fill, find_invalid, valid_tags
 
 ROLES = ["guard", "prisoner"]
 
@@ -135,3 +135,19 @@ def test_valid_tags() -> None:
         "<AGENTS_NUM>",
         "<ROLES_NUM>",
     ]
+
+
+@pytest.mark.parametrize(
+    ("written", "rendered"),
+    [
+        ("<<END>>", "<END>"),
+        ("say <<answer_text>> here", "say <answer_text> here"),
+        ("<<GUARD_NUM>> vs <GUARD_NUM>", "<GUARD_NUM> vs 2"),
+        ("<<<END>>>", "<<END>>"),
+        ("a << b >> c", "a << b >> c"),
+    ],
+)
+def test_escaped_literal_text(written: str, rendered: str) -> None:
+    assert fill(written, {"guard": 2}) == rendered
+    assert find_invalid(written, ROLES) == []
+    assert fill(escape(rendered), {"guard": 2}) == rendered  # escape is fill's inverse

@@ -1,4 +1,4 @@
-"""Prompt composition (SPEC §1) and the prompts/ templates."""
+"""Prompt composition (SPEC §1) and the summary / speaker-selection templates."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 from simulator.errors import UserError
 from simulator.experiment import Experiment, ModelSpec, Role, Summarizer, validate_experiment
 from simulator.prompts import (
+    Templates,
     agent_prompt,
     compose,
     format_transcript,
-    prompts_dir,
     section_title,
     selector_request,
     starting_message,
@@ -101,7 +101,7 @@ def test_format_transcript() -> None:
 
 
 def test_shipped_templates() -> None:
-    assert prompts_dir() == Path(__file__).resolve().parent.parent / "prompts"
+    assert Templates.load(None).source.endswith(str(Path("simulator", "data", "prompts")))
     transcript = "Guard_117: {day} and {transcript} stay {as written}"
     request = summary_request(2, transcript)
     assert "day 2" in request
@@ -117,24 +117,66 @@ def test_shipped_templates() -> None:
     assert "Do not choose" not in first and "{" not in first
 
 
-def test_custom_templates_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_custom_templates_dir(tmp_path: Path) -> None:
     (tmp_path / "summary.txt").write_text("Day {day}:\n{transcript}\n{unknown}\n")
     (tmp_path / "speaker_selection.txt").write_text(
         "{agents}\n--\n{transcript}\nNot {last_speaker}.\nOne name.\n"
     )
-    monkeypatch.setenv("SIMULATOR_PROMPTS_DIR", str(tmp_path))
-    assert summary_request(1, "A: {x}") == "Day 1:\nA: {x}\n{unknown}"
+    mine = Templates.load(tmp_path)
+    assert summary_request(1, "A: {x}", mine) == "Day 1:\nA: {x}\n{unknown}"
     agents = [("A_001", "a", "does a"), ("B_002", "b", "does b")]
-    assert selector_request(agents, "A_001: hi", "A_001") == (
+    assert selector_request(agents, "A_001: hi", "A_001", mine) == (
         "A_001 (a): does a\nB_002 (b): does b\n--\nA_001: hi\nNot A_001.\nOne name."
     )
     assert (
-        selector_request(agents, "", None)
+        selector_request(agents, "", None, mine)
         == "A_001 (a): does a\nB_002 (b): does b\n--\n\nOne name."
     )
 
 
-def test_missing_template(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SIMULATOR_PROMPTS_DIR", str(tmp_path))
+def test_missing_template(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="summary.txt: cannot read the prompt template"):
-        summary_request(1, "")
+        Templates.load(tmp_path)
+
+
+def test_prompts_dir_from_dotenv_is_used_and_read_once_per_batch(settings, env_for, tmp_path):
+    """SIMULATOR_PROMPTS_DIR in `.env` picks the summary template; a batch reads it once (an
+    edit during the batch changes nothing), counted at the server."""
+    from typer.testing import CliRunner
+
+    from simulator.cli import app
+    from tests.servers import FakeLLMServer, echo_reply, write_experiment
+
+    folder = tmp_path / "my-prompts"
+    folder.mkdir()
+    (folder / "summary.txt").write_text("CUSTOM summary of day {day}:\n{transcript}\n")
+    shipped = Templates.load(None)
+    (folder / "speaker_selection.txt").write_text(shipped.selector)
+    dotenv = tmp_path / "my.env"
+    dotenv.write_text(f"SIMULATOR_PROMPTS_DIR={folder}\n")
+
+    def reply(body: dict) -> str:
+        if body["messages"][-1]["content"].startswith("CUSTOM"):  # after the first summary
+            (folder / "summary.txt").write_text("EDITED day {day}\n{transcript}")
+        return echo_reply(body)
+
+    with FakeLLMServer(models={"m1"}, reply=reply) as server:
+        llm = f"{{model: m1, provider: openai, base_url: '{server.openai_url}'}}"
+        path = write_experiment(tmp_path / "x.yaml", llm)
+        grid = [
+            "--messages",
+            "4",
+            "--days",
+            "2",
+            "--repetitions",
+            "2",
+            "--concurrency",
+            "1",
+            "--plain",
+        ]
+        env = {**env_for(settings), "SIMULATOR_ENV_FILE": str(dotenv)}
+        result = CliRunner().invoke(app, ["run", path, *grid], env=env)
+        assert result.exit_code == 0, result.output
+        summaries = [b["messages"][-1]["content"] for b in server.bodies() if "stop" not in b]
+    assert len(summaries) == 2 * 2
+    assert all(s.startswith("CUSTOM summary of day ") for s in summaries), summaries

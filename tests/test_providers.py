@@ -30,7 +30,7 @@ from simulator.llm.registry import (
     endpoint_key,
     preflight,
 )
-from simulator.llm.retry import RetryingModel, RetryPolicy, parse_retry_after
+from simulator.llm.retry import RetryAfterTooLong, RetryingModel, RetryPolicy, parse_retry_after
 
 NO_WAIT = RetryPolicy(attempts=3, base_delay=0)
 
@@ -258,6 +258,28 @@ def test_random_faults_are_all_absorbed_by_retries() -> None:
         )
         retries = sum(model.chat(MESSAGES).retries for _ in range(20))
     assert retries == fake.calls - 20 > 0
+
+
+@pytest.mark.parametrize("provider", ["ollama", "openai"])
+def test_retry_after_over_the_cap_is_not_waited(server: FakeLLMServer, provider: str) -> None:
+    server.retry_after = 3600
+    server.fail_next(429)
+    spec = ollama_spec(server) if provider == "ollama" else openai_spec(server)
+    sleeps: list[float] = []
+    model = RetryingModel(create_model(spec), RetryPolicy(max_delay=30), sleep=sleeps.append)
+    with pytest.raises(RetryAfterTooLong) as info:
+        model.chat(MESSAGES)
+    assert sleeps == [] and server.calls == 1
+    assert not info.value.retryable and info.value.retries == 0  # type: ignore[attr-defined]
+    assert "asked to wait 3600 s" in str(info.value)
+
+
+def test_request_timeout_reaches_the_clients_and_the_llms_own_wins(server: FakeLLMServer) -> None:
+    pool = ModelPool(RetryPolicy(timeout=7))
+    assert pool.get(ollama_spec(server)).inner.timeout == 7  # type: ignore[attr-defined]
+    own = openai_spec(server, extra={"timeout": 300})
+    assert pool.get(own).inner.timeout == 300  # type: ignore[attr-defined]
+    assert pool.get(openai_spec(server)).inner._client().timeout == 7  # type: ignore[attr-defined]
 
 
 def test_retry_policy_backoff() -> None:

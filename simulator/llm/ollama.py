@@ -15,10 +15,9 @@ import ollama
 from simulator.errors import ModelNotFound, ProviderError, ProviderUnavailable
 from simulator.experiment import ModelSpec
 from simulator.llm.base import ChatMessage, Reply
-from simulator.llm.retry import parse_retry_after
+from simulator.llm.retry import DEFAULT_REQUEST_TIMEOUT, parse_retry_after
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
-DEFAULT_TIMEOUT = 600.0  # seconds per read; a large model's first load on CPU takes minutes
 
 PullProgress = Callable[[int, int, str], None]  # (completed bytes, total bytes, status)
 
@@ -52,7 +51,7 @@ class OllamaModel:
         self.name = spec.model
         self.host = resolve_host(host or spec.base_url)
         self.endpoint = f"ollama:{self.host}"
-        self.timeout = float(timeout or spec.extra.get("timeout") or DEFAULT_TIMEOUT)
+        self.timeout = float(timeout or spec.extra.get("timeout") or DEFAULT_REQUEST_TIMEOUT)
         self._client_obj: ollama.Client | None = None
         self._client_lock = threading.Lock()
         # ResponseError keeps only status and body; an httpx response hook keeps the
@@ -109,7 +108,9 @@ class OllamaModel:
             return self._unreachable()
         if isinstance(exc, httpx.TimeoutException):
             return ProviderError(
-                f"Ollama at {self.host} did not answer within {self.timeout:g}s", retryable=True
+                f"Ollama at {self.host} did not answer within {self.timeout:g} s (raise "
+                "SIMULATOR_REQUEST_TIMEOUT, or the LLM's `timeout:`, for slow models)",
+                retryable=True,
             )
         if isinstance(exc, httpx.HTTPError):  # dropped connection, protocol error ...
             return ProviderError(

@@ -19,12 +19,11 @@ from simulator.errors import (
 )
 from simulator.experiment import ModelSpec
 from simulator.llm.base import ChatMessage, Reply
-from simulator.llm.retry import parse_retry_after
+from simulator.llm.retry import DEFAULT_REQUEST_TIMEOUT, parse_retry_after
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-DEFAULT_TIMEOUT = 600.0
 # Sampling settings outside the OpenAI schema that llama.cpp's server and vLLM accept in
 # the request body; sent through `extra_body` to every endpoint except OpenAI's own.
 EXTRA_BODY_KEYS = ("repeat_penalty", "min_p")
@@ -66,7 +65,7 @@ class OpenAIModel:
         self.name = spec.model
         self.base_url, self._explicit_url = resolve_base_url(spec.base_url)
         self.endpoint = f"openai:{self.base_url}"
-        self.timeout = float(timeout or spec.extra.get("timeout") or DEFAULT_TIMEOUT)
+        self.timeout = float(timeout or spec.extra.get("timeout") or DEFAULT_REQUEST_TIMEOUT)
         # OpenRouter and friends need their own key; default to the usual variable.
         self.key_env = str(spec.extra.get("api_key_env") or "OPENAI_API_KEY")
         self._client_obj: openai.OpenAI | None = None
@@ -99,7 +98,11 @@ class OpenAIModel:
         """Classify a client failure so the retry wrapper knows what to do."""
         where = f"the OpenAI-compatible endpoint at {self.base_url}"
         if isinstance(exc, openai.APITimeoutError):
-            return ProviderError(f"{where} did not answer within {self.timeout:g}s", retryable=True)
+            return ProviderError(
+                f"{where} did not answer within {self.timeout:g} s (raise "
+                "SIMULATOR_REQUEST_TIMEOUT, or the LLM's `timeout:`, for slow models)",
+                retryable=True,
+            )
         if isinstance(exc, openai.APIConnectionError):
             return ProviderUnavailable(f"Cannot reach {where}: {exc}. Is the server running?")
         if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):

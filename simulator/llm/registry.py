@@ -27,17 +27,21 @@ def _check_provider(spec: ModelSpec) -> None:
         )
 
 
-def create_model(spec: ModelSpec) -> ChatModel:
-    """A new provider instance for `spec` (no I/O: clients connect on first use)."""
+def create_model(spec: ModelSpec, timeout: float | None = None) -> ChatModel:
+    """A new provider instance for `spec` (no I/O: clients connect on first use).
+
+    `timeout`: seconds one HTTP request may take (the LLM's own `timeout:` wins). llama.cpp
+    runs in this process and cannot be interrupted, so it has none.
+    """
     _check_provider(spec)
     if spec.provider == "ollama":
         from simulator.llm.ollama import OllamaModel
 
-        return OllamaModel(spec)
+        return OllamaModel(spec, timeout=spec.extra.get("timeout") or timeout)
     if spec.provider == "openai":
         from simulator.llm.openai import OpenAIModel
 
-        return OpenAIModel(spec)
+        return OpenAIModel(spec, timeout=spec.extra.get("timeout") or timeout)
     if spec.provider == "llamacpp":
         from simulator.llm.llamacpp import LlamaCppModel
 
@@ -111,7 +115,7 @@ class ModelPool:
         with self._lock:
             if key not in self._models:
                 self._models[key] = RetryingModel(
-                    create_model(spec),
+                    create_model(spec, timeout=self.policy.timeout),
                     self.policy,
                     limiter,
                     sleep=self.sleep,

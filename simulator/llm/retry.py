@@ -23,14 +23,23 @@ log = logging.getLogger(__name__)
 OnRetry = Callable[[ProviderError, int, float], None]
 
 
+DEFAULT_REQUEST_TIMEOUT = 120.0  # seconds one attempt may take (SIMULATOR_REQUEST_TIMEOUT)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often and how patiently to retry. ``base_delay=0`` never sleeps (tests)."""
+    """How often and how patiently to call. ``base_delay=0`` never sleeps (tests).
+
+    A call takes at most ``attempts`` x ``timeout`` plus the waits between attempts. A server
+    asking (Retry-After) to wait longer than ``max_delay`` fails the call at once: waiting
+    an hour silently is worse than a failed conversation that `resume` continues later.
+    """
 
     attempts: int = 5  # total attempts, the first one included
     base_delay: float = 0.5  # seconds before the first retry; doubles each time
-    max_delay: float = 30.0  # cap on the backoff (a server's Retry-After may exceed it)
+    max_delay: float = 30.0  # cap on one wait, a server's Retry-After included
     jitter: float = 0.5  # +/- fraction of the backoff, so concurrent callers spread out
+    timeout: float = DEFAULT_REQUEST_TIMEOUT  # seconds one attempt may take (HTTP providers)
 
     def delay(
         self, failed: int, retry_after: float | None = None, rng: random.Random | None = None
@@ -60,6 +69,19 @@ def parse_retry_after(value: str | None) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+class RetryAfterTooLong(ProviderError):
+    """The server asked to wait longer than SIMULATOR_RETRY_MAX_DELAY before the next try."""
+
+    def __init__(self, cause: ProviderError, cap: float):
+        wait = cause.retry_after or 0.0
+        super().__init__(
+            f"{cause}. The server asked to wait {wait:.0f} s before trying again, more than "
+            f"SIMULATOR_RETRY_MAX_DELAY ({cap:g} s), so the call was not retried: resume the "
+            "batch later, or raise SIMULATOR_RETRY_MAX_DELAY to wait that long"
+        )
+        self.retry_after = wait
 
 
 class RetryingModel:
@@ -97,6 +119,10 @@ class RetryingModel:
                 exc.retries = attempt - 1  # type: ignore[attr-defined]
                 if not exc.retryable or attempt == attempts:
                     raise
+                if exc.retry_after is not None and exc.retry_after > self.policy.max_delay:
+                    too_long = RetryAfterTooLong(exc, self.policy.max_delay)
+                    too_long.retries = attempt - 1  # type: ignore[attr-defined]
+                    raise too_long from exc
                 delay = self.policy.delay(attempt, exc.retry_after, self._rng)
                 # info, not warning: the progress display counts retries, and a console
                 # line per retry would scroll a struggling batch off the screen.
