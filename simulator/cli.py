@@ -6,22 +6,27 @@ becomes a one-paragraph message on stderr and exit code 1, never a traceback.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from simulator import display, prompts
+from simulator import cli_results, display, prompts
 from simulator.errors import UserError
 from simulator.experiment import Experiment, load_experiment, save_experiment
-from simulator.grid import Grid, make_grid
+from simulator.frontend import (
+    defer_settings_error,
+    err,
+    friendly,
+    open_store,
+    out,
+    print_error,
+)
+from simulator.grid import make_grid
+from simulator.importing import check_experiment_file, import_experiment
 from simulator.runner import (
     BatchReport,
     RunOptions,
@@ -37,41 +42,31 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode=None,
 )
-experiment_app = typer.Typer(help="Import, list, show, export, duplicate and edit experiments.")
+experiment_app = typer.Typer(
+    help="Import, list, show, export, duplicate, annotate and delete experiments "
+    "(to edit one, export it, change the YAML and `duplicate --from-file` it)."
+)
 db_app = typer.Typer(help="The embedded local database server (used when MONGODB_URI is unset).")
 app.add_typer(experiment_app, name="experiment")
 app.add_typer(db_app, name="db")
+cli_results.register(app)
 
-# Piped output (files, less, grep) is read later on a wide screen: do not squeeze it to 80.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err = display.stderr_console()
 log = logging.getLogger("simulator")
-F = TypeVar("F", bound=Callable[..., Any])
 
-
-def friendly(fn: F) -> F:
-    """Turn a UserError into a short message and exit code 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            err.print(f"[bold red]Error:[/] {e}", markup=True, highlight=False)
-            raise typer.Exit(1) from None
-
-    return wrapper  # type: ignore[return-value]
+__all__ = ["app", "err", "friendly", "open_store", "out"]
 
 
 def _configure_logging(verbose: bool) -> None:
+    """A log file in SIMULATOR_LOG_DIR and, with --verbose, the console. Loading the
+    settings here is what checks them first: an invalid one raises UserError."""
     from simulator.settings import load_settings
 
     root = logging.getLogger("simulator")
     if root.handlers:
         return
+    log_dir = Path(load_settings().log_dir)
     root.setLevel(logging.DEBUG)
     try:
-        log_dir = Path(load_settings().log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         handler: logging.Handler = logging.FileHandler(log_dir / "simulator.log", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -85,12 +80,40 @@ def _configure_logging(verbose: bool) -> None:
     root.addHandler(console)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("llm-interaction-simulator")
+        except PackageNotFoundError:  # running from a source tree that was never installed
+            from simulator import __version__ as number
+        out.print(f"simulator {number}")
+        raise typer.Exit()
+
+
 @app.callback(invoke_without_command=True)
 def main(
     ctx: typer.Context,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details to the console."),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_version,
+        is_eager=True,
+        help="Show the version and exit.",
+    ),
 ) -> None:
-    _configure_logging(verbose)
+    # Settings are checked before any command runs, so an invalid one is one paragraph on
+    # every command. The error is raised when the command starts (see `friendly`), not
+    # here: `COMMAND --help` must still work, it is how one finds out what to fix.
+    try:
+        _configure_logging(verbose)
+    except UserError as e:
+        if ctx.invoked_subcommand is None:
+            print_error(e)
+            raise typer.Exit(1) from None
+        defer_settings_error(ctx, e)
     if ctx.invoked_subcommand is None:
         _interactive()
 
@@ -109,46 +132,45 @@ def _interactive() -> None:
     interactive.main_menu(open_store())
 
 
-def open_store() -> Store:
-    """Connect as configured (flag > env > .env > defaults) and identify the user."""
-    from simulator.database import connect, current_user
-    from simulator.settings import load_settings
-
-    settings = load_settings()
-    db = connect(settings)
-    return Store.open(db, current_user(db, settings))
-
-
 # --- experiments -------------------------------------------------------------------------
 
-
-def import_experiment(store: Store, path: Path) -> tuple[Experiment, bool]:
-    """Import a YAML file; an identical definition already imported by this user is reused."""
-    exp = load_experiment(path)
-    existing = store.find_identical(exp)
-    if existing is not None:
-        return existing, False
-    return store.insert_experiment(exp), True
+NEW_OPTION = typer.Option(
+    False,
+    "--new",
+    help="The file was edited since you imported it: store it as a new experiment "
+    "of the same name (linked to the old one) instead of refusing.",
+)
 
 
-def experiment_ref(store: Store, ref: str) -> Experiment:
+def experiment_ref(store: Store, ref: str, *, as_new: bool = False) -> Experiment:
     """An experiment given as a YAML file (imported on the way) or an id prefix."""
     path = Path(ref)
+    check_experiment_file(path)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise UserError(f"{ref}: no such file. Give a YAML file or an experiment id.")
-        return import_experiment(store, path)[0]
+        result = import_experiment(store, path, as_new=as_new)
+        notice = result.notice()
+        if notice:
+            err.print(f"[yellow]Note:[/] {notice}", markup=True, highlight=False)
+        return result.experiment
     return store.get_experiment(ref)
 
 
 @experiment_app.command("import")
 @friendly
-def experiment_import(file: Path = typer.Argument(..., help="An experiment YAML file.")) -> None:
-    """Import an experiment from YAML (validated first)."""
-    store = open_store()
-    exp, created = import_experiment(store, file)
-    verb = "Imported" if created else "Already imported"
+def experiment_import(
+    file: Path = typer.Argument(..., metavar="FILE", help="An experiment YAML file."),
+    as_new: bool = NEW_OPTION,
+) -> None:
+    """Import an experiment from YAML (validated first; an unchanged file is imported once)."""
+    result = import_experiment(open_store(), file, as_new=as_new)
+    exp = result.experiment
+    verb = "Imported" if result.created else "Already imported"
     out.print(f"{verb} experiment '{exp.name}' as {exp.id}")
+    notice = result.notice()
+    if notice:
+        out.print(notice, markup=False)
 
 
 @experiment_app.command("list")
@@ -260,22 +282,6 @@ def experiment_delete(
 # --- batches ------------------------------------------------------------------------------
 
 
-def grid_table(grid: Grid) -> Table:
-    table = Table(title="Grid")
-    table.add_column("dimension")
-    table.add_column("values")
-    table.add_row("LLMs", ", ".join(s.label for s in grid.llms))
-    table.add_row("days", ", ".join(map(str, grid.day_counts())))
-    table.add_row(
-        "agents",
-        "; ".join(",".join(f"{r}={n}" for r, n in c.items()) for c in grid.agent_combinations()),
-    )
-    table.add_row("speaker selection", ", ".join(grid.speakers))
-    table.add_row("repetitions", str(grid.repetitions))
-    table.add_row("messages per conversation", str(grid.messages))
-    return table
-
-
 def run_options(
     concurrency: int | None, max_failures: str | None, plain: bool, *, manual: bool = False
 ) -> RunOptions:
@@ -357,7 +363,8 @@ def finish(store: Store, report: BatchReport) -> None:
         raise typer.Exit(130)
     records = store.list_conversations(batch_id=report.batch_id, limit=2)
     if len(records) == 1 and records[0].status == "completed":
-        show_conversation(store, records[0].id, raw=False)
+        # Printed, never paged: a pager would block the end of `run` until `q` is pressed.
+        show_conversation(store, records[0].id, raw=False, page=False)
     if report.status != "completed":
         out.print(
             f"Continue the unfinished conversations with:  simulator resume {report.batch_id}"
@@ -431,7 +438,7 @@ def run(
         repetitions=repetitions,
         seed=seed,
     )
-    out.print(grid_table(grid))
+    out.print(display.grid_table(grid))
     out.print(f"{grid.size()} conversations, at least {grid.llm_calls()} LLM calls.")
     if dry_run:
         return
@@ -512,7 +519,9 @@ def conversations(
     out.print(display.conversations_table(records))
 
 
-def show_conversation(store: Store, ref: str, *, raw: bool) -> None:
+def show_conversation(store: Store, ref: str, *, raw: bool, page: bool | None = None) -> None:
+    """Print a conversation; `page=None` pages a long one only when stdin and stdout are a
+    terminal (someone is there to press `q`)."""
     record = store.get_conversation(ref)
     exp = store.get_experiment(record.experiment_id)
     t = store.load_transcript(record.id)
@@ -524,7 +533,7 @@ def show_conversation(store: Store, ref: str, *, raw: bool) -> None:
         [r.name for r in exp.roles],
         raw=raw,
         starting_message=prompts.starting_message(exp, record.spec.agents),
-        page=None,
+        page=page,
     )
 
 
@@ -576,10 +585,6 @@ def db_stop() -> None:
     was_running = EmbeddedServer(load_settings().data_dir).stop()
     out.print("Embedded server stopped." if was_running else "Embedded server was not running.")
 
-
-from simulator import cli_results  # noqa: E402  (export, import-legacy, doctor)
-
-cli_results.register(app)
 
 if __name__ == "__main__":
     app()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import colorsys
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -25,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from simulator.conversation import Message, Summary
+from simulator.grid import Grid
 from simulator.runner import BatchReport, ProgressEvent
 from simulator.store import ConversationRecord, ExperimentRow
 
@@ -125,13 +127,20 @@ def render_transcript(
     """Print a conversation: conditions, day headers, speakers coloured by role, summaries.
 
     `raw` adds the model's reply where cleaning changed it. `page=None` pages through
-    $PAGER (less) when the console is a terminal and the transcript is taller than it.
+    $PAGER (less) when the console and stdin are a terminal and the transcript is taller
+    than the screen; `page=False` never pages.
     """
     parts = transcript_parts(
         rec, messages, summaries, roles, raw=raw, starting_message=starting_message
     )
     if page is None:
-        page = console.is_terminal and _height(console, parts) > console.size.height
+        # Only with someone at a terminal to press `q`: a pager on a pipe or with no
+        # keyboard (stdin redirected) would block for ever.
+        page = (
+            console.is_terminal
+            and sys.stdin.isatty()
+            and _height(console, parts) > console.size.height
+        )
     if not page:
         for part in parts:
             console.print(part)
@@ -354,5 +363,18 @@ class ProgressView:
         return Group(self._progress, stats)
 
 
-def stderr_console() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+def grid_table(grid: Grid) -> Table:
+    """The dimensions of a batch's grid, one row each."""
+    table = Table(title="Grid")
+    table.add_column("dimension")
+    table.add_column("values")
+    table.add_row("LLMs", ", ".join(s.label for s in grid.llms))
+    table.add_row("days", ", ".join(map(str, grid.day_counts())))
+    table.add_row(
+        "agents",
+        "; ".join(",".join(f"{r}={n}" for r, n in c.items()) for c in grid.agent_combinations()),
+    )
+    table.add_row("speaker selection", ", ".join(grid.speakers))
+    table.add_row("repetitions", str(grid.repetitions))
+    table.add_row("messages per conversation", str(grid.messages))
+    return table

@@ -63,3 +63,11 @@ class ScriptExhausted(ProviderError):
 
 class StorageError(UserError):
     """MongoDB is unreachable, refuses us, or went away."""
+
+
+class DefinitionChanged(UserError):
+    """An edited YAML file would start a second experiment under a name the user already has."""
+
+
+class NotAFile(UserError):
+    """A path given as an experiment file is a directory (or not a file at all)."""
