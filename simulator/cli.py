@@ -107,13 +107,14 @@ def main(
     # Settings are checked before any command runs, so an invalid one is one paragraph on
     # every command. The error is raised when the command starts (see `friendly`), not
     # here: `COMMAND --help` must still work, it is how one finds out what to fix.
+    defer_settings_error(None)
     try:
         _configure_logging(verbose)
     except UserError as e:
         if ctx.invoked_subcommand is None:
             print_error(e)
             raise typer.Exit(1) from None
-        defer_settings_error(ctx, e)
+        defer_settings_error(e)
     if ctx.invoked_subcommand is None:
         _interactive()
 

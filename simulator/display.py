@@ -19,7 +19,6 @@ from rich.progress import (
     Progress,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.rule import Rule
 from rich.table import Table
@@ -243,13 +242,33 @@ def report_text(report: BatchReport, totals: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def eta_seconds(elapsed: float, calls_done: int, calls_left: int) -> float | None:
+    """Seconds until the batch ends at the rate of LLM calls so far; None before the first
+    call has finished. Counting calls, not conversations, gives an estimate from the first
+    reply on, even for one long conversation with a slow model."""
+    if calls_done <= 0 or elapsed <= 0:
+        return None
+    return elapsed / calls_done * max(0, calls_left)
+
+
+def rate_text(count: int, elapsed: float) -> str:
+    """Messages per second with the digits that matter: 12, 3.4, 0.0097."""
+    rate = count / max(elapsed, 1e-9)
+    if rate >= 10:
+        return f"{rate:.0f}"
+    if rate >= 1:
+        return f"{rate:.1f}"
+    return f"{rate:.2g}"
+
+
 class ProgressView:
     """Renders runner events: a live display on a terminal, one line per event otherwise.
 
-    Live: a bar of conversations done/total with elapsed time and ETA, and a line of
-    conversations running, messages, tokens in/out, failures, retries and rate; failures
-    are printed above it as they happen. Plain: one line per finished conversation with
-    the same figures, and a line when the batch starts and when it is stopping.
+    Live: a bar of LLM calls done/planned with conversations done/total, elapsed time and
+    ETA, and a line of conversations running, messages, tokens in/out, failures, retries and
+    rate; failures are printed above it as they happen. Plain: one line per finished
+    conversation with the same figures, and a line when the batch starts and when it is
+    stopping.
     """
 
     def __init__(self, console: Console, *, live: bool | None = None):
@@ -258,6 +277,7 @@ class ProgressView:
         self.lock = threading.Lock()
         self.total = self.done = self.failed = self.running = self.messages = 0
         self.tokens_in = self.tokens_out = self.retries = 0
+        self.calls_planned = self.calls_done = 0  # LLM calls of this run: planned, made
         self.started = time.monotonic()
         self._progress: Progress | None = None
         self._live: Live | None = None
@@ -278,15 +298,18 @@ class ProgressView:
     def _handle(self, e: ProgressEvent) -> None:
         if e.kind == "started":
             self.total = e.remaining
+            self.calls_planned = e.calls_total
             self.started = time.monotonic()
             earlier = e.total - e.remaining
             done = f" ({earlier} already done)" if earlier else ""
             if self.live:
                 self._start_live()
             else:
-                self._line(f"batch {e.batch_id}: {e.remaining} conversations to run{done}")
+                calls = f", {e.calls_total} LLM calls" if e.calls_total else ""
+                self._line(f"batch {e.batch_id}: {e.remaining} conversations to run{calls}{done}")
         elif e.kind in ("message", "summary", "selector"):
             self.messages += e.kind == "message"
+            self.calls_done += 1
             self.tokens_in += e.prompt_tokens
             self.tokens_out += e.completion_tokens
         elif e.kind == "retry":
@@ -294,6 +317,8 @@ class ProgressView:
             self.retries += 1
         elif e.kind == "conversation_started":
             self.running += 1
+            # A resumed conversation does not redo what it had stored.
+            self.calls_planned = max(self.calls_done, self.calls_planned - e.calls_done)
         elif e.kind == "conversation_finished":
             self.running = max(0, self.running - 1)
             if e.status in ("completed", "failed"):
@@ -315,18 +340,32 @@ class ProgressView:
         elif e.kind == "stopping":
             self._line(f"Stopping: {e.error}. Waiting for the calls in flight.")
         if self._progress is not None:
-            self._progress.update(self._task, completed=self.done)
+            total, completed = self._bar()
+            self._progress.update(self._task, total=total, completed=completed)
+
+    def _bar(self) -> tuple[int, int]:
+        """(total, completed) of the bar: LLM calls when they are known, else conversations."""
+        if self.calls_planned:
+            return max(self.calls_planned, self.calls_done), self.calls_done
+        return self.total, self.done
+
+    def eta(self) -> str:
+        """Time left as text, from calls made and planned (conversations when unknown)."""
+        elapsed = time.monotonic() - self.started
+        if self.calls_planned:
+            seconds = eta_seconds(elapsed, self.calls_done, self.calls_planned - self.calls_done)
+        else:
+            seconds = eta_seconds(elapsed, self.done, self.total - self.done)
+        return "?" if seconds is None else duration_text(seconds)
 
     def stats(self) -> str:
-        """Running totals: messages, tokens, failures, retries, rate and ETA."""
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        eta = "?"
-        if self.done:
-            eta = duration_text(elapsed / self.done * (self.total - self.done))
+        """Running totals: messages, tokens, failures, retries, calls, rate and ETA."""
+        elapsed = time.monotonic() - self.started
+        calls = f"calls {self.calls_done}/{self.calls_planned} · " if self.calls_planned else ""
         return (
             f"messages {self.messages} · tokens in {self.tokens_in} / out {self.tokens_out} · "
-            f"failures {self.failed} · retries {self.retries} · "
-            f"{self.messages / elapsed:.1f} msg/s · ETA {eta}"
+            f"failures {self.failed} · retries {self.retries} · {calls}"
+            f"{rate_text(self.messages, elapsed)} msg/s · ETA {self.eta()}"
         )
 
     def _line(self, text: str) -> None:
@@ -334,17 +373,21 @@ class ProgressView:
         self.console.print(text, markup=False, highlight=False)
 
     def _start_live(self) -> None:
+        what = "LLM calls" if self.calls_planned else "conversations"
         self._progress = Progress(
-            TextColumn("conversations"),
+            TextColumn(what),
             BarColumn(),
             MofNCompleteColumn(),
+            TextColumn("{task.fields[conversations]}"),
             TextColumn("elapsed"),
             TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
+            TextColumn("ETA {task.fields[eta]}"),
             console=self.console,
         )
-        self._task = self._progress.add_task("batch", total=self.total)
+        total, completed = self._bar()
+        self._task = self._progress.add_task(
+            "batch", total=total, completed=completed, conversations="", eta="?"
+        )
         # Rendered by the refresh thread (4 per second): events only update counters.
         self._live = Live(
             console=self.console, refresh_per_second=4, get_renderable=self._renderable
@@ -352,14 +395,16 @@ class ProgressView:
         self._live.start()
 
     def _renderable(self) -> Group:
-        elapsed = max(time.monotonic() - self.started, 1e-9)
+        elapsed = time.monotonic() - self.started
+        assert self._progress is not None
+        conversations = f"· {self.done}/{self.total} conversations ·" if self.calls_planned else "·"
+        self._progress.update(self._task, conversations=conversations, eta=self.eta())
         stats = Text(
             f"{self.running} running · messages {self.messages} · tokens in {self.tokens_in} / "
             f"out {self.tokens_out} · failures {self.failed} · retries {self.retries} · "
-            f"{self.messages / elapsed:.1f} msg/s",
+            f"{rate_text(self.messages, elapsed)} msg/s",
             style="dim",
         )
-        assert self._progress is not None
         return Group(self._progress, stats)
 
 

@@ -7,12 +7,12 @@ internals), so there is no import cycle between the front-end modules.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import click
 import typer
 from rich.console import Console
 
@@ -24,13 +24,16 @@ out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
-_SETTINGS_ERROR = "simulator.settings_error"
+# An invalid setting found by the app callback, raised when the command starts: after
+# click has handled `COMMAND --help`, which must work in a broken setup.
+_settings_error: contextvars.ContextVar[UserError | None] = contextvars.ContextVar(
+    "settings_error", default=None
+)
 
 
-def defer_settings_error(ctx: click.Context, error: UserError) -> None:
-    """Keep an invalid setting found by the app callback for the command to raise when it
-    starts (after click has handled `--help`)."""
-    ctx.meta[_SETTINGS_ERROR] = error
+def defer_settings_error(error: UserError | None) -> None:
+    """Set (or, with None, clear) the settings error the next command raises first."""
+    _settings_error.set(error)
 
 
 def print_error(error: UserError) -> None:
@@ -44,8 +47,7 @@ def friendly(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            ctx = click.get_current_context(silent=True)
-            pending = ctx.meta.get(_SETTINGS_ERROR) if ctx is not None else None
+            pending = _settings_error.get()
             if pending is not None:
                 raise pending
             return fn(*args, **kwargs)

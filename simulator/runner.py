@@ -67,6 +67,8 @@ class ProgressEvent:
     retries: int = 0  # message/summary/selector: failed attempts before the call succeeded
     total: int = 0  # started: conversations in the batch
     remaining: int = 0  # started: conversations this run will work on
+    calls_total: int = 0  # started: LLM calls planned for those conversations (for the ETA)
+    calls_done: int = 0  # conversation_started: calls a resumed conversation already stored
 
 
 @dataclass
@@ -289,7 +291,14 @@ class _BatchRun:
             store.set_batch_status(batch.id, "running")
             self.threshold = failure_threshold(self.options.max_failures, batch.total)
             remaining = store.count_unfinished(batch.id)
-            self.notify(ProgressEvent("started", batch.id, total=batch.total, remaining=remaining))
+            # Planned calls of the conversations left (exact for a new batch); a resumed
+            # conversation reports what it had already stored when it starts.
+            calls = batch.grid.llm_calls() * remaining // max(batch.total, 1)
+            self.notify(
+                ProgressEvent(
+                    "started", batch.id, total=batch.total, remaining=remaining, calls_total=calls
+                )
+            )
             specs = {endpoint_key(s): s for s in model_specs(self.exp, batch.grid)}
             workers = max(1, sum(self.pool.limit(s) for s in specs.values()))
             self.todo = queue.Queue(maxsize=workers)  # a small buffer: the rest stays in the store
@@ -509,7 +518,8 @@ def _run_one(
     resuming = record.status != "pending"
     done = store.load_transcript(record.id, discard_partial=True) if resuming else None
     store.mark_running(record.id)
-    notify(ProgressEvent("conversation_started", batch_id, record.id))
+    stored = len(done.messages) + len(done.summaries) + len(done.selector_calls) if done else 0
+    notify(ProgressEvent("conversation_started", batch_id, record.id, calls_done=stored))
     llm = record.spec.llm
     models = Models(
         agent=pool.get(llm),
