@@ -24,6 +24,7 @@ from simulator.frontend import (
     open_store,
     out,
     print_error,
+    use_help_command,
 )
 from simulator.grid import make_grid
 from simulator.importing import check_experiment_file, import_experiment
@@ -43,8 +44,8 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 experiment_app = typer.Typer(
-    help="Import, list, show, export, duplicate, annotate and delete experiments "
-    "(to edit one, export it, change the YAML and `duplicate --from-file` it)."
+    help="Import, list, show, export, duplicate, note, favourite and delete experiments. "
+    "To change one, export it, edit the YAML and `duplicate EXPERIMENT --from-file FILE`."
 )
 db_app = typer.Typer(help="The embedded local database server (used when MONGODB_URI is unset).")
 app.add_typer(experiment_app, name="experiment")
@@ -135,6 +136,10 @@ def _interactive() -> None:
 
 # --- experiments -------------------------------------------------------------------------
 
+EXPERIMENT_ARGUMENT = typer.Argument(
+    ..., metavar="EXPERIMENT", help="Experiment id or unique prefix."
+)
+
 NEW_OPTION = typer.Option(
     False,
     "--new",
@@ -178,7 +183,9 @@ def experiment_import(
 @friendly
 def experiment_list(
     mine: bool = typer.Option(False, "--mine", help="Only experiments you created."),
-    search: str = typer.Option("", "--search", "-s", help="Filter by name, note or creator."),
+    search: str = typer.Option(
+        "", "--search", "-s", metavar="TEXT", help="Filter by name, note or creator."
+    ),
 ) -> None:
     """List experiments, favourites first."""
     rows = open_store().list_experiments(mine=mine, search=search)
@@ -190,7 +197,7 @@ def experiment_list(
 
 @experiment_app.command("show")
 @friendly
-def experiment_show(ref: str = typer.Argument(..., help="Experiment id or unique prefix.")) -> None:
+def experiment_show(ref: str = EXPERIMENT_ARGUMENT) -> None:
     """Show an experiment's definition as YAML, with who made it."""
     from simulator.experiment import dump_experiment
 
@@ -205,8 +212,10 @@ def experiment_show(ref: str = typer.Argument(..., help="Experiment id or unique
 @experiment_app.command("export")
 @friendly
 def experiment_export(
-    ref: str = typer.Argument(..., help="Experiment id or unique prefix."),
-    out_file: Path | None = typer.Option(None, "--out", "-o", help="Write to this file."),
+    ref: str = EXPERIMENT_ARGUMENT,
+    out_file: Path | None = typer.Option(
+        None, "--out", "-o", metavar="FILE", help="Write to this file."
+    ),
 ) -> None:
     """Write an experiment's definition as YAML (to stdout, or a file with --out)."""
     from simulator.experiment import dump_experiment
@@ -222,10 +231,12 @@ def experiment_export(
 @experiment_app.command("duplicate")
 @friendly
 def experiment_duplicate(
-    ref: str = typer.Argument(..., help="Experiment id or unique prefix (anyone's)."),
-    name: str | None = typer.Option(None, "--name", help="Name of the copy."),
+    ref: str = typer.Argument(
+        ..., metavar="EXPERIMENT", help="Experiment id or unique prefix (anyone's)."
+    ),
+    name: str | None = typer.Option(None, "--name", metavar="NAME", help="Name of the copy."),
     from_file: Path | None = typer.Option(
-        None, "--from-file", help="Use this edited YAML as the copy's definition."
+        None, "--from-file", metavar="FILE", help="Use this edited YAML as the copy's definition."
     ),
 ) -> None:
     """Copy an experiment as your own (with a link to the original), optionally edited."""
@@ -240,8 +251,8 @@ def experiment_duplicate(
 @experiment_app.command("note")
 @friendly
 def experiment_note(
-    ref: str = typer.Argument(..., help="Experiment id or unique prefix."),
-    note: str = typer.Argument(..., help="The new note."),
+    ref: str = EXPERIMENT_ARGUMENT,
+    note: str = typer.Argument(..., metavar="NOTE", help="The new note."),
 ) -> None:
     """Change an experiment's note (creator only)."""
     exp = open_store().set_note(ref, note)
@@ -251,10 +262,10 @@ def experiment_note(
 @experiment_app.command("favourite")
 @friendly
 def experiment_favourite(
-    ref: str = typer.Argument(..., help="Experiment id or unique prefix."),
-    off: bool = typer.Option(False, "--off", help="Remove the favourite mark."),
+    ref: str = EXPERIMENT_ARGUMENT,
+    off: bool = typer.Option(False, "--off", help="Remove the star."),
 ) -> None:
-    """Mark an experiment as favourite (creator only)."""
+    """Star an experiment as a favourite (--off removes the star)."""
     exp = open_store().set_favourite(ref, not off)
     out.print(f"{exp.id} is {'no longer ' if off else ''}a favourite.")
 
@@ -382,11 +393,12 @@ def finish(store: Store, report: BatchReport) -> None:
 
 # Options shared by `run` and `resume`.
 CONCURRENCY_OPTION = typer.Option(
-    None, "--concurrency", "-c", help="Requests in flight per LLM endpoint."
+    None, "--concurrency", "-c", metavar="N", help="Requests in flight per LLM endpoint."
 )
 MAX_FAILURES_OPTION = typer.Option(
     None,
     "--max-failures",
+    metavar="N|FRACTION",
     help="Stop after more failed conversations than this count "
     "(e.g. 5) or fraction (e.g. 0.2 or 20%; default 0.1).",
 )
@@ -396,36 +408,56 @@ PLAIN_OPTION = typer.Option(False, "--plain", help="One line per event, no live 
 @app.command()
 @friendly
 def run(
-    experiment: str = typer.Argument(..., help="An experiment YAML file or an experiment id."),
+    experiment: str = typer.Argument(
+        ..., metavar="EXPERIMENT", help="An experiment YAML file or an experiment id."
+    ),
     llm: list[str] | None = typer.Option(
         None,
         "--llm",
+        metavar="MODEL",
         help="LLM(s) from the experiment (repeatable; default: its first LLM; "
         "`all` for every one; `scripted` for an offline dry run).",
     ),
-    messages: int = typer.Option(10, "--messages", "-m", help="Agent messages per conversation."),
-    days: int = typer.Option(2, "--days", "-d", help="Days (each ends with a summary)."),
+    messages: int = typer.Option(
+        10, "--messages", "-m", metavar="N", help="Agent messages per conversation."
+    ),
+    days: int = typer.Option(
+        2, "--days", "-d", metavar="N", help="Days (each ends with a summary)."
+    ),
     every_day: bool = typer.Option(False, "--every-day", help="Try every day count 1..--days."),
     agents: str | None = typer.Option(
-        None, "--agents", "-a", help="Agents per role, e.g. guard=1,prisoner=2 (default 1 each)."
+        None,
+        "--agents",
+        "-a",
+        metavar="ROLE=N,...",
+        help="Agents per role, e.g. guard=1,prisoner=2 (default 1 each).",
     ),
     every_combination: bool = typer.Option(
         False, "--every-combination", help="Try every agent combination up to --agents."
     ),
     speaker: list[str] | None = typer.Option(
-        None, "--speaker", "-s", help="round_robin | random | auto | manual (repeatable)."
+        None,
+        "--speaker",
+        "-s",
+        metavar="METHOD",
+        help="round_robin | random | auto | manual (repeatable).",
     ),
-    repetitions: int = typer.Option(1, "--repetitions", "-r", help="Conversations per setting."),
-    seed: int = typer.Option(0, "--seed", help="Base seed (repetition r uses seed + r)."),
+    repetitions: int = typer.Option(
+        1, "--repetitions", "-r", metavar="N", help="Conversations per setting."
+    ),
+    seed: int = typer.Option(
+        0, "--seed", metavar="N", help="Base seed (repetition r uses seed + r)."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the grid and call count only."),
     concurrency: int | None = CONCURRENCY_OPTION,
     max_failures: str | None = MAX_FAILURES_OPTION,
     plain: bool = PLAIN_OPTION,
+    as_new: bool = NEW_OPTION,
 ) -> None:
     """Run a batch: every combination of the grid options, each stored as it happens."""
     # A dry run of a YAML file touches no database; anything else needs the store.
     store = None if dry_run and Path(experiment).is_file() else open_store()
-    exp = experiment_ref(store, experiment) if store else load_experiment(experiment)
+    exp = experiment_ref(store, experiment, as_new=as_new) if store else load_experiment(experiment)
     names = None if llm and "all" in llm else (llm or [exp.llms[0].model])
     grid = make_grid(
         exp,
@@ -541,7 +573,9 @@ def show_conversation(store: Store, ref: str, *, raw: bool, page: bool | None = 
 @app.command()
 @friendly
 def show(
-    conversation: str = typer.Argument(..., help="Conversation id or prefix."),
+    conversation: str = typer.Argument(
+        ..., metavar="CONVERSATION", help="Conversation id or prefix."
+    ),
     raw: bool = typer.Option(
         False, "--raw", help="Also show raw replies where cleaning changed them."
     ),
@@ -586,6 +620,8 @@ def db_stop() -> None:
     was_running = EmbeddedServer(load_settings().data_dir).stop()
     out.print("Embedded server stopped." if was_running else "Embedded server was not running.")
 
+
+use_help_command(app, experiment_app, db_app)  # after every command is registered
 
 if __name__ == "__main__":
     app()

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
+import typer.core
 from rich.console import Console
 
 from simulator.errors import UserError
@@ -66,3 +68,52 @@ def open_store() -> Store:
     settings = load_settings()
     db = connect(settings)
     return Store.open(db, current_user(db, settings))
+
+
+class HelpCommand(typer.core.TyperCommand):
+    """A command whose help reads like a man page: `run [OPTIONS] EXPERIMENT`, `--llm MODEL`.
+
+    Typer's own help writes required arguments as `{experiment}` and types as `<list[str]>`.
+    Explicit metavars are used as given; otherwise the parameter's name in capitals.
+    """
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = _metavar(param)
+                pieces.append(name if param.required else f"[{name}]")
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        args, opts = [], []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            names, text = record
+            if param.param_type_name == "argument":
+                args.append((_metavar(param), text))
+            else:
+                opts.append((_TYPE_LABEL.sub(f" {_metavar(param)}", names), text))
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+_TYPE_LABEL = re.compile(r" <[^>]*>(\.\.\.)?$")
+
+
+def _metavar(param: Any) -> str:
+    return str(param.metavar or (param.name or "value").upper())
+
+
+def use_help_command(*apps: typer.Typer) -> None:
+    """Give every command of these apps (registered so far) the HelpCommand help format."""
+    for typer_app in apps:
+        for info in typer_app.registered_commands:
+            if info.cls in (None, typer.core.TyperCommand):
+                info.cls = HelpCommand
