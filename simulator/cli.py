@@ -57,15 +57,11 @@ log = logging.getLogger("simulator")
 __all__ = ["app", "err", "friendly", "open_store", "out"]
 
 
-def _configure_logging(verbose: bool) -> None:
-    """A log file in SIMULATOR_LOG_DIR and, with --verbose, the console. Loading the
-    settings here is what checks them first: an invalid one raises UserError."""
-    from simulator.settings import load_settings
-
+def _configure_logging(verbose: bool, log_dir: Path) -> None:
+    """A log file in SIMULATOR_LOG_DIR and, with --verbose, the console (once a process)."""
     root = logging.getLogger("simulator")
     if root.handlers:
         return
-    log_dir = Path(load_settings().log_dir)
     root.setLevel(logging.DEBUG)
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -108,14 +104,18 @@ def main(
     # Settings are checked before any command runs, so an invalid one is one paragraph on
     # every command. The error is raised when the command starts (see `friendly`), not
     # here: `COMMAND --help` must still work, it is how one finds out what to fix.
+    from simulator.settings import load_settings
+
     defer_settings_error(None)
     try:
-        _configure_logging(verbose)
+        settings = load_settings()
     except UserError as e:
         if ctx.invoked_subcommand is None:
             print_error(e)
             raise typer.Exit(1) from None
         defer_settings_error(e)
+        return
+    _configure_logging(verbose, Path(settings.log_dir))
     if ctx.invoked_subcommand is None:
         _interactive()
 

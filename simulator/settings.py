@@ -288,17 +288,17 @@ def _convert(name: str, value: object, where: str = "") -> object:
         try:
             number = kind(str(value).strip())
         except ValueError:
-            raise UserError(f"{variable}{where} must be {what}, got {value!r}.") from None
+            raise UserError(f"{variable} must be {what}, got {value!r}{where}.") from None
         if not math.isfinite(number):
-            raise UserError(f"{variable}{where} must be a finite number, got {value!r}.")
+            raise UserError(f"{variable} must be a finite number, got {value!r}{where}.")
         if number < _MINIMUM[name]:
-            raise UserError(f"{variable}{where} must be at least {_MINIMUM[name]}, got {number}.")
+            raise UserError(f"{variable} must be at least {_MINIMUM[name]}, got {number}{where}.")
         if name in _MAXIMUM and number > _MAXIMUM[name]:
-            raise UserError(f"{variable}{where} must be at most {_MAXIMUM[name]}, got {number}.")
+            raise UserError(f"{variable} must be at most {_MAXIMUM[name]}, got {number}{where}.")
         return number
     if name == "mongodb_db" and (not str(value) or re.search(r'[/\\. "$\x00]', str(value))):
         raise UserError(
-            f"MONGODB_DB{where} {value!r} is not a valid database name: use letters, digits, "
+            f"MONGODB_DB {value!r}{where} is not a valid database name: use letters, digits, "
             "_ or -."
         )
     return value

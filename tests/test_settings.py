@@ -57,8 +57,10 @@ def test_an_unclosed_quote_and_a_binary_env_file_do_not_show_values(tmp_path):
     env_file.write_bytes(b"A=1\nB=\xff\xfe" + SECRET.encode() + b"\n")
     result = CliRunner().invoke(app, ["status"], env={"SIMULATOR_ENV_FILE": str(env_file)})
     assert result.exit_code == 1 and "line 2 is not UTF-8" in result.output
-    assert SECRET not in result.output and result.exception is None or isinstance(
-        result.exception, SystemExit
+    assert (
+        SECRET not in result.output
+        and result.exception is None
+        or isinstance(result.exception, SystemExit)
     )
 
 
@@ -89,9 +91,9 @@ def arguments(command: Any) -> list[str]:
 
 
 BAD_SETTINGS = [
-    ({"SIMULATOR_CONCURRENCY": "abc"}, "SIMULATOR_CONCURRENCY (set in the environment) must be"),
-    ({"MONGODB_DB": "a.b"}, "MONGODB_DB (set in the environment) 'a.b' is not a valid"),
-    ({"SIMULATOR_DB_PORT": "99999"}, "SIMULATOR_DB_PORT (set in the environment) must be at most"),
+    ({"SIMULATOR_CONCURRENCY": "abc"}, "SIMULATOR_CONCURRENCY must be a whole number, got 'abc'"),
+    ({"MONGODB_DB": "a.b"}, "MONGODB_DB 'a.b' (set in the environment) is not a valid"),
+    ({"SIMULATOR_DB_PORT": "99999"}, "SIMULATOR_DB_PORT must be at most 65535, got 99999 (set"),
 ]
 
 
