@@ -455,6 +455,7 @@ def run(
     as_new: bool = NEW_OPTION,
 ) -> None:
     """Run a batch: every combination of the grid options, each stored as it happens."""
+    check_experiment_file(Path(experiment))  # a directory is refused before connecting
     # A dry run of a YAML file touches no database; anything else needs the store.
     store = None if dry_run and Path(experiment).is_file() else open_store()
     exp = experiment_ref(store, experiment, as_new=as_new) if store else load_experiment(experiment)
