@@ -6,22 +6,28 @@ becomes a one-paragraph message on stderr and exit code 1, never a traceback.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from simulator import display, prompts
+from simulator import cli_results, display, prompts
 from simulator.errors import UserError
 from simulator.experiment import Experiment, load_experiment, save_experiment
-from simulator.grid import Grid, make_grid
+from simulator.frontend import (
+    defer_settings_error,
+    err,
+    friendly,
+    open_store,
+    out,
+    print_error,
+    use_help_command,
+)
+from simulator.grid import make_grid
+from simulator.importing import check_experiment_file, import_experiment
 from simulator.runner import (
     BatchReport,
     RunOptions,
@@ -37,41 +43,27 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode=None,
 )
-experiment_app = typer.Typer(help="Import, list, show, export, duplicate and edit experiments.")
+experiment_app = typer.Typer(
+    help="Import, list, show, export, duplicate, note, favourite and delete experiments. "
+    "To change one, export it, edit the YAML and `duplicate EXPERIMENT --from-file FILE`."
+)
 db_app = typer.Typer(help="The embedded local database server (used when MONGODB_URI is unset).")
 app.add_typer(experiment_app, name="experiment")
 app.add_typer(db_app, name="db")
+cli_results.register(app)
 
-# Piped output (files, less, grep) is read later on a wide screen: do not squeeze it to 80.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err = display.stderr_console()
 log = logging.getLogger("simulator")
-F = TypeVar("F", bound=Callable[..., Any])
+
+__all__ = ["app", "err", "friendly", "open_store", "out"]
 
 
-def friendly(fn: F) -> F:
-    """Turn a UserError into a short message and exit code 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            err.print(f"[bold red]Error:[/] {e}", markup=True, highlight=False)
-            raise typer.Exit(1) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _configure_logging(verbose: bool) -> None:
-    from simulator.settings import load_settings
-
+def _configure_logging(verbose: bool, log_dir: Path) -> None:
+    """A log file in SIMULATOR_LOG_DIR and, with --verbose, the console (once a process)."""
     root = logging.getLogger("simulator")
     if root.handlers:
         return
     root.setLevel(logging.DEBUG)
     try:
-        log_dir = Path(load_settings().log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         handler: logging.Handler = logging.FileHandler(log_dir / "simulator.log", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -85,12 +77,45 @@ def _configure_logging(verbose: bool) -> None:
     root.addHandler(console)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("llm-interaction-simulator")
+        except PackageNotFoundError:  # running from a source tree that was never installed
+            from simulator import __version__ as number
+        out.print(f"simulator {number}")
+        raise typer.Exit()
+
+
 @app.callback(invoke_without_command=True)
 def main(
     ctx: typer.Context,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details to the console."),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_version,
+        is_eager=True,
+        help="Show the version and exit.",
+    ),
 ) -> None:
-    _configure_logging(verbose)
+    # Settings are checked before any command runs, so an invalid one is one paragraph on
+    # every command. The error is raised when the command starts (see `friendly`), not
+    # here: `COMMAND --help` must still work, it is how one finds out what to fix.
+    from simulator.settings import load_settings
+
+    defer_settings_error(None)
+    try:
+        settings = load_settings()
+    except UserError as e:
+        if ctx.invoked_subcommand is None:
+            print_error(e)
+            raise typer.Exit(1) from None
+        defer_settings_error(e)
+        return
+    _configure_logging(verbose, Path(settings.log_dir))
     if ctx.invoked_subcommand is None:
         _interactive()
 
@@ -109,55 +134,58 @@ def _interactive() -> None:
     interactive.main_menu(open_store())
 
 
-def open_store() -> Store:
-    """Connect as configured (flag > env > .env > defaults) and identify the user."""
-    from simulator.database import connect, current_user
-    from simulator.settings import load_settings
-
-    settings = load_settings()
-    db = connect(settings)
-    return Store.open(db, current_user(db, settings))
-
-
 # --- experiments -------------------------------------------------------------------------
 
+EXPERIMENT_ARGUMENT = typer.Argument(
+    ..., metavar="EXPERIMENT", help="Experiment id or unique prefix."
+)
 
-def import_experiment(store: Store, path: Path) -> tuple[Experiment, bool]:
-    """Import a YAML file; an identical definition already imported by this user is reused."""
-    exp = load_experiment(path)
-    existing = store.find_identical(exp)
-    if existing is not None:
-        return existing, False
-    return store.insert_experiment(exp), True
+NEW_OPTION = typer.Option(
+    False,
+    "--new",
+    help="The file was edited since you imported it: store it as a new experiment "
+    "of the same name (linked to the old one) instead of refusing.",
+)
 
 
-def experiment_ref(store: Store, ref: str) -> Experiment:
+def experiment_ref(store: Store, ref: str, *, as_new: bool = False) -> Experiment:
     """An experiment given as a YAML file (imported on the way) or an id prefix."""
     path = Path(ref)
-    if path.is_dir():
-        load_experiment(path)  # says it is a folder, not an experiment file
+    check_experiment_file(path)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise UserError(f"{ref}: no such file. Give a YAML file or an experiment id.")
-        return import_experiment(store, path)[0]
+        result = import_experiment(store, path, as_new=as_new)
+        notice = result.notice()
+        if notice:
+            err.print(f"[yellow]Note:[/] {notice}", markup=True, highlight=False)
+        return result.experiment
     return store.get_experiment(ref)
 
 
 @experiment_app.command("import")
 @friendly
-def experiment_import(file: Path = typer.Argument(..., help="An experiment YAML file.")) -> None:
-    """Import an experiment from YAML (validated first)."""
-    store = open_store()
-    exp, created = import_experiment(store, file)
-    verb = "Imported" if created else "Already imported"
+def experiment_import(
+    file: Path = typer.Argument(..., metavar="FILE", help="An experiment YAML file."),
+    as_new: bool = NEW_OPTION,
+) -> None:
+    """Import an experiment from YAML (validated first; an unchanged file is imported once)."""
+    result = import_experiment(open_store(), file, as_new=as_new)
+    exp = result.experiment
+    verb = "Imported" if result.created else "Already imported"
     out.print(f"{verb} experiment '{exp.name}' as {exp.id}")
+    notice = result.notice()
+    if notice:
+        out.print(notice, markup=False)
 
 
 @experiment_app.command("list")
 @friendly
 def experiment_list(
     mine: bool = typer.Option(False, "--mine", help="Only experiments you created."),
-    search: str = typer.Option("", "--search", "-s", help="Filter by name, note or creator."),
+    search: str = typer.Option(
+        "", "--search", "-s", metavar="TEXT", help="Filter by name, note or creator."
+    ),
 ) -> None:
     """List experiments, favourites first."""
     rows = open_store().list_experiments(mine=mine, search=search)
@@ -169,7 +197,7 @@ def experiment_list(
 
 @experiment_app.command("show")
 @friendly
-def experiment_show(ref: str = typer.Argument(..., help="Experiment id or unique prefix.")) -> None:
+def experiment_show(ref: str = EXPERIMENT_ARGUMENT) -> None:
     """Show an experiment's definition as YAML, with who made it."""
     from simulator.experiment import dump_experiment
 
@@ -184,8 +212,10 @@ def experiment_show(ref: str = typer.Argument(..., help="Experiment id or unique
 @experiment_app.command("export")
 @friendly
 def experiment_export(
-    ref: str = typer.Argument(..., help="Experiment id or unique prefix."),
-    out_file: Path | None = typer.Option(None, "--out", "-o", help="Write to this file."),
+    ref: str = EXPERIMENT_ARGUMENT,
+    out_file: Path | None = typer.Option(
+        None, "--out", "-o", metavar="FILE", help="Write to this file."
+    ),
 ) -> None:
     """Write an experiment's definition as YAML (to stdout, or a file with --out)."""
     from simulator.experiment import dump_experiment
@@ -201,10 +231,12 @@ def experiment_export(
 @experiment_app.command("duplicate")
 @friendly
 def experiment_duplicate(
-    ref: str = typer.Argument(..., help="Experiment id or unique prefix (anyone's)."),
-    name: str | None = typer.Option(None, "--name", help="Name of the copy."),
+    ref: str = typer.Argument(
+        ..., metavar="EXPERIMENT", help="Experiment id or unique prefix (anyone's)."
+    ),
+    name: str | None = typer.Option(None, "--name", metavar="NAME", help="Name of the copy."),
     from_file: Path | None = typer.Option(
-        None, "--from-file", help="Use this edited YAML as the copy's definition."
+        None, "--from-file", metavar="FILE", help="Use this edited YAML as the copy's definition."
     ),
 ) -> None:
     """Copy an experiment as your own (with a link to the original), optionally edited."""
@@ -219,8 +251,8 @@ def experiment_duplicate(
 @experiment_app.command("note")
 @friendly
 def experiment_note(
-    ref: str = typer.Argument(..., help="Experiment id or unique prefix."),
-    note: str = typer.Argument(..., help="The new note."),
+    ref: str = EXPERIMENT_ARGUMENT,
+    note: str = typer.Argument(..., metavar="NOTE", help="The new note."),
 ) -> None:
     """Change an experiment's note (creator only)."""
     exp = open_store().set_note(ref, note)
@@ -230,10 +262,10 @@ def experiment_note(
 @experiment_app.command("favourite")
 @friendly
 def experiment_favourite(
-    ref: str = typer.Argument(..., help="Experiment id or unique prefix."),
-    off: bool = typer.Option(False, "--off", help="Remove the favourite mark."),
+    ref: str = EXPERIMENT_ARGUMENT,
+    off: bool = typer.Option(False, "--off", help="Remove the star."),
 ) -> None:
-    """Mark an experiment as favourite (creator only)."""
+    """Star an experiment as a favourite (--off removes the star)."""
     exp = open_store().set_favourite(ref, not off)
     out.print(f"{exp.id} is {'no longer ' if off else ''}a favourite.")
 
@@ -260,22 +292,6 @@ def experiment_delete(
 
 
 # --- batches ------------------------------------------------------------------------------
-
-
-def grid_table(grid: Grid) -> Table:
-    table = Table(title="Grid")
-    table.add_column("dimension")
-    table.add_column("values")
-    table.add_row("LLMs", ", ".join(s.label for s in grid.llms))
-    table.add_row("days", ", ".join(map(str, grid.day_counts())))
-    table.add_row(
-        "agents",
-        "; ".join(",".join(f"{r}={n}" for r, n in c.items()) for c in grid.agent_combinations()),
-    )
-    table.add_row("speaker selection", ", ".join(grid.speakers))
-    table.add_row("repetitions", str(grid.repetitions))
-    table.add_row("messages per conversation", str(grid.messages))
-    return table
 
 
 def run_options(
@@ -361,7 +377,8 @@ def finish(store: Store, report: BatchReport) -> None:
         raise typer.Exit(130)
     records = store.list_conversations(batch_id=report.batch_id, limit=2)
     if len(records) == 1 and records[0].status == "completed":
-        show_conversation(store, records[0].id, raw=False)
+        # Printed, never paged: a pager would block the end of `run` until `q` is pressed.
+        show_conversation(store, records[0].id, raw=False, page=False)
     if report.status != "completed":
         out.print(
             f"Continue the unfinished conversations with:  simulator resume {report.batch_id}"
@@ -378,11 +395,12 @@ def finish(store: Store, report: BatchReport) -> None:
 
 # Options shared by `run` and `resume`.
 CONCURRENCY_OPTION = typer.Option(
-    None, "--concurrency", "-c", help="Requests in flight per LLM endpoint."
+    None, "--concurrency", "-c", metavar="N", help="Requests in flight per LLM endpoint."
 )
 MAX_FAILURES_OPTION = typer.Option(
     None,
     "--max-failures",
+    metavar="N|FRACTION",
     help="Stop after more failed conversations than this count "
     "(e.g. 5) or fraction (e.g. 0.2 or 20%; default 0.1).",
 )
@@ -392,36 +410,57 @@ PLAIN_OPTION = typer.Option(False, "--plain", help="One line per event, no live 
 @app.command()
 @friendly
 def run(
-    experiment: str = typer.Argument(..., help="An experiment YAML file or an experiment id."),
+    experiment: str = typer.Argument(
+        ..., metavar="EXPERIMENT", help="An experiment YAML file or an experiment id."
+    ),
     llm: list[str] | None = typer.Option(
         None,
         "--llm",
+        metavar="MODEL",
         help="LLM(s) from the experiment (repeatable; default: its first LLM; "
         "`all` for every one; `scripted` for an offline dry run).",
     ),
-    messages: int = typer.Option(10, "--messages", "-m", help="Agent messages per conversation."),
-    days: int = typer.Option(2, "--days", "-d", help="Days (each ends with a summary)."),
+    messages: int = typer.Option(
+        10, "--messages", "-m", metavar="N", help="Agent messages per conversation."
+    ),
+    days: int = typer.Option(
+        2, "--days", "-d", metavar="N", help="Days (each ends with a summary)."
+    ),
     every_day: bool = typer.Option(False, "--every-day", help="Try every day count 1..--days."),
     agents: str | None = typer.Option(
-        None, "--agents", "-a", help="Agents per role, e.g. guard=1,prisoner=2 (default 1 each)."
+        None,
+        "--agents",
+        "-a",
+        metavar="ROLE=N,...",
+        help="Agents per role, e.g. guard=1,prisoner=2 (default 1 each).",
     ),
     every_combination: bool = typer.Option(
         False, "--every-combination", help="Try every agent combination up to --agents."
     ),
     speaker: list[str] | None = typer.Option(
-        None, "--speaker", "-s", help="round_robin | random | auto | manual (repeatable)."
+        None,
+        "--speaker",
+        "-s",
+        metavar="METHOD",
+        help="round_robin | random | auto | manual (repeatable).",
     ),
-    repetitions: int = typer.Option(1, "--repetitions", "-r", help="Conversations per setting."),
-    seed: int = typer.Option(0, "--seed", help="Base seed (repetition r uses seed + r)."),
+    repetitions: int = typer.Option(
+        1, "--repetitions", "-r", metavar="N", help="Conversations per setting."
+    ),
+    seed: int = typer.Option(
+        0, "--seed", metavar="N", help="Base seed (repetition r uses seed + r)."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the grid and call count only."),
     concurrency: int | None = CONCURRENCY_OPTION,
     max_failures: str | None = MAX_FAILURES_OPTION,
     plain: bool = PLAIN_OPTION,
+    as_new: bool = NEW_OPTION,
 ) -> None:
     """Run a batch: every combination of the grid options, each stored as it happens."""
+    check_experiment_file(Path(experiment))  # a directory is refused before connecting
     # A dry run of a YAML file touches no database; anything else needs the store.
     store = None if dry_run and Path(experiment).is_file() else open_store()
-    exp = experiment_ref(store, experiment) if store else load_experiment(experiment)
+    exp = experiment_ref(store, experiment, as_new=as_new) if store else load_experiment(experiment)
     names = None if llm and "all" in llm else (llm or [exp.llms[0].model])
     grid = make_grid(
         exp,
@@ -435,7 +474,7 @@ def run(
         repetitions=repetitions,
         seed=seed,
     )
-    out.print(grid_table(grid))
+    out.print(display.grid_table(grid))
     out.print(f"{grid.size()} conversations, at least {grid.llm_calls()} LLM calls.")
     if dry_run:
         return
@@ -516,7 +555,9 @@ def conversations(
     out.print(display.conversations_table(records))
 
 
-def show_conversation(store: Store, ref: str, *, raw: bool) -> None:
+def show_conversation(store: Store, ref: str, *, raw: bool, page: bool | None = None) -> None:
+    """Print a conversation; `page=None` pages a long one only when stdin and stdout are a
+    terminal (someone is there to press `q`)."""
     record = store.get_conversation(ref)
     exp = store.get_experiment(record.experiment_id)
     t = store.load_transcript(record.id)
@@ -528,14 +569,16 @@ def show_conversation(store: Store, ref: str, *, raw: bool) -> None:
         [r.name for r in exp.roles],
         raw=raw,
         starting_message=prompts.starting_message(exp, record.spec.agents),
-        page=None,
+        page=page,
     )
 
 
 @app.command()
 @friendly
 def show(
-    conversation: str = typer.Argument(..., help="Conversation id or prefix."),
+    conversation: str = typer.Argument(
+        ..., metavar="CONVERSATION", help="Conversation id or prefix."
+    ),
     raw: bool = typer.Option(
         False, "--raw", help="Also show raw replies where cleaning changed them."
     ),
@@ -581,9 +624,7 @@ def db_stop() -> None:
     out.print("Embedded server stopped." if was_running else "Embedded server was not running.")
 
 
-from simulator import cli_results  # noqa: E402  (export, import-legacy, doctor)
-
-cli_results.register(app)
+use_help_command(app, experiment_app, db_app)  # after every command is registered
 
 if __name__ == "__main__":
     app()

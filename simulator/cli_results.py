@@ -1,7 +1,8 @@
 """The commands that look at results and at the setup: export, import-legacy, doctor.
 
-`register(app)` adds them to the main typer app. simulator.cli is imported inside each
-command (it imports this module to register them).
+`register(app)` adds them to the main typer app. What the commands share with cli.py
+(consoles, error handling, the store) comes from simulator.frontend, so this module does
+not import simulator.cli.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import typer
 
+from simulator.errors import UserError
 from simulator.export import FORMATS, KINDS
+from simulator.frontend import friendly, open_store, out
 
 
 def register(app: typer.Typer) -> None:
@@ -37,15 +40,11 @@ def export_command(
     ),
 ) -> None:
     """Export conversations: txt to read, jsonl/csv (one row per message) for pandas, html."""
-    from simulator.cli import friendly
-
     friendly(_export)(ref, fmt, out_dir, kind)
 
 
 def _export(ref: str, formats: list[str], out_dir: Path, kind: str | None) -> None:
     from simulator import export
-    from simulator.cli import open_store, out
-    from simulator.errors import UserError
 
     for f in formats:
         if f not in FORMATS:
@@ -76,13 +75,10 @@ def import_legacy_command(
     ),
 ) -> None:
     """Import the prototype's experiments, conversations and messages (safe to repeat)."""
-    from simulator.cli import friendly
-
     friendly(_import_legacy)(db_name, uri)
 
 
 def _import_legacy(db_name: str, uri: str | None) -> None:
-    from simulator.cli import open_store, out
     from simulator.legacy import import_legacy, open_source
 
     store = open_store()
@@ -94,13 +90,10 @@ def _import_legacy(db_name: str, uri: str | None) -> None:
 
 def doctor_command() -> None:
     """Check the setup: MongoDB, the embedded server, Ollama, OpenAI, the local model, disk."""
-    from simulator.cli import friendly
-
     friendly(_doctor)()
 
 
 def _doctor() -> None:
-    from simulator.cli import out
     from simulator.doctor import checks_table, run_checks
     from simulator.settings import load_settings
 

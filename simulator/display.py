@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import colorsys
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -18,13 +19,13 @@ from rich.progress import (
     Progress,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
 from simulator.conversation import Message, Summary
+from simulator.grid import Grid
 from simulator.runner import BatchReport, ProgressEvent
 from simulator.store import ConversationRecord, ExperimentRow
 
@@ -125,13 +126,20 @@ def render_transcript(
     """Print a conversation: conditions, day headers, speakers coloured by role, summaries.
 
     `raw` adds the model's reply where cleaning changed it. `page=None` pages through
-    $PAGER (less) when the console is a terminal and the transcript is taller than it.
+    $PAGER (less) when the console and stdin are a terminal and the transcript is taller
+    than the screen; `page=False` never pages.
     """
     parts = transcript_parts(
         rec, messages, summaries, roles, raw=raw, starting_message=starting_message
     )
     if page is None:
-        page = console.is_terminal and _height(console, parts) > console.size.height
+        # Only with someone at a terminal to press `q`: a pager on a pipe or with no
+        # keyboard (stdin redirected) would block for ever.
+        page = (
+            console.is_terminal
+            and sys.stdin.isatty()
+            and _height(console, parts) > console.size.height
+        )
     if not page:
         for part in parts:
             console.print(part)
@@ -234,13 +242,33 @@ def report_text(report: BatchReport, totals: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def eta_seconds(elapsed: float, calls_done: int, calls_left: int) -> float | None:
+    """Seconds until the batch ends at the rate of LLM calls so far; None before the first
+    call has finished. Counting calls, not conversations, gives an estimate from the first
+    reply on, even for one long conversation with a slow model."""
+    if calls_done <= 0 or elapsed <= 0:
+        return None
+    return elapsed / calls_done * max(0, calls_left)
+
+
+def rate_text(count: int, elapsed: float) -> str:
+    """Messages per second with the digits that matter: 12, 3.4, 0.0097."""
+    rate = count / max(elapsed, 1e-9)
+    if rate >= 10:
+        return f"{rate:.0f}"
+    if rate >= 1:
+        return f"{rate:.1f}"
+    return f"{rate:.2g}"
+
+
 class ProgressView:
     """Renders runner events: a live display on a terminal, one line per event otherwise.
 
-    Live: a bar of conversations done/total with elapsed time and ETA, and a line of
-    conversations running, messages, tokens in/out, failures, retries and rate; failures
-    are printed above it as they happen. Plain: one line per finished conversation with
-    the same figures, and a line when the batch starts and when it is stopping.
+    Live: a bar of LLM calls done/planned with conversations done/total, elapsed time and
+    ETA, and a line of conversations running, messages, tokens in/out, failures, retries and
+    rate; failures are printed above it as they happen. Plain: one line per finished
+    conversation with the same figures, and a line when the batch starts and when it is
+    stopping.
     """
 
     def __init__(self, console: Console, *, live: bool | None = None):
@@ -250,6 +278,7 @@ class ProgressView:
         self.total = self.done = self.failed = self.running = self.messages = 0
         self.tokens_in = self.tokens_out = self.retries = 0
         self.waiting: tuple[float, str] | None = None  # (monotonic end, why) of a retry wait
+        self.calls_planned = self.calls_done = 0  # LLM calls of this run: planned, made
         self.started = time.monotonic()
         self._progress: Progress | None = None
         self._live: Live | None = None
@@ -270,15 +299,18 @@ class ProgressView:
     def _handle(self, e: ProgressEvent) -> None:
         if e.kind == "started":
             self.total = e.remaining
+            self.calls_planned = e.calls_total
             self.started = time.monotonic()
             earlier = e.total - e.remaining
             done = f" ({earlier} already done)" if earlier else ""
             if self.live:
                 self._start_live()
             else:
-                self._line(f"batch {e.batch_id}: {e.remaining} conversations to run{done}")
+                calls = f", {e.calls_total} LLM calls" if e.calls_total else ""
+                self._line(f"batch {e.batch_id}: {e.remaining} conversations to run{calls}{done}")
         elif e.kind in ("message", "summary", "selector"):
             self.messages += e.kind == "message"
+            self.calls_done += 1
             self.tokens_in += e.prompt_tokens
             self.tokens_out += e.completion_tokens
         elif e.kind == "retry":
@@ -291,6 +323,8 @@ class ProgressView:
                     self._line(f"retrying in {e.delay:.0f} s ({why})")
         elif e.kind == "conversation_started":
             self.running += 1
+            # A resumed conversation does not redo what it had stored.
+            self.calls_planned = max(self.calls_done, self.calls_planned - e.calls_done)
         elif e.kind == "conversation_finished":
             self.running = max(0, self.running - 1)
             if e.status in ("completed", "failed"):
@@ -312,18 +346,32 @@ class ProgressView:
         elif e.kind == "stopping":
             self._line(f"Stopping: {e.error}. Waiting for the calls in flight.")
         if self._progress is not None:
-            self._progress.update(self._task, completed=self.done)
+            total, completed = self._bar()
+            self._progress.update(self._task, total=total, completed=completed)
+
+    def _bar(self) -> tuple[int, int]:
+        """(total, completed) of the bar: LLM calls when they are known, else conversations."""
+        if self.calls_planned:
+            return max(self.calls_planned, self.calls_done), self.calls_done
+        return self.total, self.done
+
+    def eta(self) -> str:
+        """Time left as text, from calls made and planned (conversations when unknown)."""
+        elapsed = time.monotonic() - self.started
+        if self.calls_planned:
+            seconds = eta_seconds(elapsed, self.calls_done, self.calls_planned - self.calls_done)
+        else:
+            seconds = eta_seconds(elapsed, self.done, self.total - self.done)
+        return "?" if seconds is None else duration_text(seconds)
 
     def stats(self) -> str:
-        """Running totals: messages, tokens, failures, retries, rate and ETA."""
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        eta = "?"
-        if self.done:
-            eta = duration_text(elapsed / self.done * (self.total - self.done))
+        """Running totals: messages, tokens, failures, retries, calls, rate and ETA."""
+        elapsed = time.monotonic() - self.started
+        calls = f"calls {self.calls_done}/{self.calls_planned} · " if self.calls_planned else ""
         return (
             f"messages {self.messages} · tokens in {self.tokens_in} / out {self.tokens_out} · "
-            f"failures {self.failed} · retries {self.retries} · "
-            f"{self.messages / elapsed:.1f} msg/s · ETA {eta}"
+            f"failures {self.failed} · retries {self.retries} · {calls}"
+            f"{rate_text(self.messages, elapsed)} msg/s · ETA {self.eta()}"
         )
 
     def _waiting_text(self) -> str:
@@ -337,17 +385,21 @@ class ProgressView:
         self.console.print(text, markup=False, highlight=False)
 
     def _start_live(self) -> None:
+        what = "LLM calls" if self.calls_planned else "conversations"
         self._progress = Progress(
-            TextColumn("conversations"),
+            TextColumn(what),
             BarColumn(),
             MofNCompleteColumn(),
+            TextColumn("{task.fields[conversations]}"),
             TextColumn("elapsed"),
             TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
+            TextColumn("ETA {task.fields[eta]}"),
             console=self.console,
         )
-        self._task = self._progress.add_task("batch", total=self.total)
+        total, completed = self._bar()
+        self._task = self._progress.add_task(
+            "batch", total=total, completed=completed, conversations="", eta="?"
+        )
         # Rendered by the refresh thread (4 per second): events only update counters.
         self._live = Live(
             console=self.console, refresh_per_second=4, get_renderable=self._renderable
@@ -355,16 +407,31 @@ class ProgressView:
         self._live.start()
 
     def _renderable(self) -> Group:
-        elapsed = max(time.monotonic() - self.started, 1e-9)
+        elapsed = time.monotonic() - self.started
+        assert self._progress is not None
+        conversations = f"· {self.done}/{self.total} conversations ·" if self.calls_planned else "·"
+        self._progress.update(self._task, conversations=conversations, eta=self.eta())
         stats = Text(
             f"{self.running} running · messages {self.messages} · tokens in {self.tokens_in} / "
             f"out {self.tokens_out} · failures {self.failed} · retries {self.retries} · "
-            f"{self.messages / elapsed:.1f} msg/s{self._waiting_text()}",
+            f"{rate_text(self.messages, elapsed)} msg/s{self._waiting_text()}",
             style="dim",
         )
-        assert self._progress is not None
         return Group(self._progress, stats)
 
 
-def stderr_console() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+def grid_table(grid: Grid) -> Table:
+    """The dimensions of a batch's grid, one row each."""
+    table = Table(title="Grid")
+    table.add_column("dimension")
+    table.add_column("values")
+    table.add_row("LLMs", ", ".join(s.label for s in grid.llms))
+    table.add_row("days", ", ".join(map(str, grid.day_counts())))
+    table.add_row(
+        "agents",
+        "; ".join(",".join(f"{r}={n}" for r, n in c.items()) for c in grid.agent_combinations()),
+    )
+    table.add_row("speaker selection", ", ".join(grid.speakers))
+    table.add_row("repetitions", str(grid.repetitions))
+    table.add_row("messages per conversation", str(grid.messages))
+    return table

@@ -61,6 +61,19 @@ class ScriptExhausted(ProviderError):
     """A scripted model with a fixed list of replies ran out."""
 
 
+class RetryAfterTooLong(ProviderError):
+    """The server asked to wait longer than SIMULATOR_RETRY_MAX_DELAY before the next try."""
+
+    def __init__(self, cause: ProviderError, cap: float):
+        wait = cause.retry_after or 0.0
+        super().__init__(
+            f"{cause}. The server asked to wait {wait:.0f} s before trying again, more than "
+            f"SIMULATOR_RETRY_MAX_DELAY ({cap:g} s), so the call was not retried: resume the "
+            "batch later, or raise SIMULATOR_RETRY_MAX_DELAY to wait that long"
+        )
+        self.retry_after = wait
+
+
 class StorageError(UserError):
     """MongoDB is unreachable, refuses us, or went away."""
 
@@ -81,3 +94,11 @@ class DatabaseLost(StorageError):
 
 class Interrupted(SimulatorError):
     """Raised inside a conversation when its batch is stopping (never shown to the user)."""
+
+
+class DefinitionChanged(UserError):
+    """An edited YAML file would start a second experiment under a name the user already has."""
+
+
+class NotAFile(UserError):
+    """A path given as an experiment file is a directory (or not a file at all)."""

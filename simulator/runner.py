@@ -79,6 +79,8 @@ class ProgressEvent:
     total: int = 0  # started: conversations in the batch
     remaining: int = 0  # started: conversations this run will work on
     delay: float = 0.0  # retry: seconds until the next attempt
+    calls_total: int = 0  # started: LLM calls planned for those conversations (for the ETA)
+    calls_done: int = 0  # conversation_started: calls a resumed conversation already stored
 
 
 @dataclass
@@ -357,7 +359,14 @@ class _BatchRun:
             store.set_batch_status(batch.id, BatchStatus.RUNNING, lease=self.lease)
             self.threshold = failure_threshold(self.options.max_failures, batch.total)
             remaining = store.count_unfinished(batch.id)
-            self.notify(ProgressEvent("started", batch.id, total=batch.total, remaining=remaining))
+            # Planned calls of the conversations left (exact for a new batch); a resumed
+            # conversation reports what it had already stored when it starts.
+            calls = batch.grid.llm_calls() * remaining // max(batch.total, 1)
+            self.notify(
+                ProgressEvent(
+                    "started", batch.id, total=batch.total, remaining=remaining, calls_total=calls
+                )
+            )
             specs = {endpoint_key(s): s for s in model_specs(self.exp, batch.grid)}
             workers = max(1, sum(self.pool.limit(s) for s in specs.values()))
             self.todo = queue.Queue(maxsize=workers)  # a small buffer: the rest stays in the store
@@ -625,7 +634,8 @@ def _run_one(
         return  # another run has completed it since this one read it
     resuming = record.status != ConversationStatus.PENDING
     done = store.load_transcript(record.id, discard_partial=True) if resuming else None
-    notify(ProgressEvent("conversation_started", batch_id, record.id))
+    stored = len(done.messages) + len(done.summaries) + len(done.selector_calls) if done else 0
+    notify(ProgressEvent("conversation_started", batch_id, record.id, calls_done=stored))
     llm = record.spec.llm
     models = Models(
         agent=pool.get(llm),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import math
 import os
 import re
 import sys
@@ -87,7 +88,7 @@ def parse_dotenv(text: str, source: str = ".env") -> dict[str, str]:
             continue
         match = _LINE.match(line)
         if not match:
-            raise UserError(f"{source} line {number}: expected KEY=VALUE, got {line[:40]!r}.")
+            raise UserError(_malformed_line(source, number, line))
         key, value = match.group(1), match.group(2).strip()
         if value[:1] in ("'", '"'):
             quote = value[0]
@@ -108,6 +109,40 @@ def parse_dotenv(text: str, source: str = ".env") -> dict[str, str]:
     return values
 
 
+_KEY_START = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*([:=]|\s|$)")
+
+
+def _known_variables() -> set[str]:
+    return {v for v, _ in _VARIABLES.values()} | {
+        "DB_USER",
+        "DB_PASSWORD",
+        "DB_CLUSTER_URL",
+        "SIMULATOR_ENV_FILE",
+    }
+
+
+def _malformed_line(source: str, number: int, line: str) -> str:
+    """What is wrong with a `.env` line, never showing its value: it may be a password."""
+    where = f"{source} line {number}"
+    expected = "expected KEY=VALUE, e.g. MONGODB_DB=simulator"
+    match = _KEY_START.match(line)
+    # Name the key only when it looks like one: a bare word on a line of its own may be the
+    # rest of a value (a password) that was split across lines.
+    key = match.group(1) if match else None
+    if key is not None and (key in _known_variables() or re.fullmatch(r"[A-Z][A-Z0-9]*_\w+", key)):
+        separator = match.group(2) if match else ""
+        found = {":": "a ':'", "": "nothing"}.get(separator, "a space")
+        return (
+            f"{where}: {expected}; after the key {key} there is {found} instead of '=' "
+            f"(write {key}=VALUE; the value is not shown here as it may be a secret)."
+        )
+    return (
+        f"{where}: {expected}; this line does not start with a setting name and '=' "
+        "(a value with line breaks goes in double quotes with \\n; the line is not shown "
+        "here as it may hold a secret)."
+    )
+
+
 def dotenv_path() -> Path:
     """$SIMULATOR_ENV_FILE, else `.env` in the current directory."""
     return Path(os.environ.get("SIMULATOR_ENV_FILE") or ".env")
@@ -120,9 +155,28 @@ def read_dotenv(path: Path | None = None) -> dict[str, str]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return {}
+    except IsADirectoryError:
+        raise UserError(
+            f"{path} is a directory, not a settings file: point SIMULATOR_ENV_FILE at a "
+            "KEY=VALUE file (see .env_template)."
+        ) from None
     except OSError as e:
         raise UserError(f"Cannot read {path}: {e.strerror}.") from None
+    except UnicodeDecodeError as e:
+        line = text_line(path, e.start)
+        raise UserError(
+            f"{path} line {line} is not UTF-8 text: save the file as UTF-8 "
+            "(KEY=VALUE lines, see .env_template)."
+        ) from None
     return parse_dotenv(text, str(path))
+
+
+def text_line(path: Path, offset: int) -> int:
+    """The line number of byte `offset` in the file."""
+    try:
+        return path.read_bytes()[:offset].count(b"\n") + 1
+    except OSError:
+        return 0
 
 
 # --- URIs ----------------------------------------------------------------------------------
@@ -223,7 +277,11 @@ _MINIMUM = {
 }
 
 
-def _convert(name: str, value: object) -> object:
+_MAXIMUM = {"embedded_port": 65535}
+
+
+def _convert(name: str, value: object, where: str = "") -> object:
+    """The value of one setting, checked. `where` says where it was set, for the error."""
     variable, kind = _VARIABLES[name]
     if kind is Path:
         # Made absolute now: the setting must not change meaning if the cwd changes later.
@@ -231,15 +289,20 @@ def _convert(name: str, value: object) -> object:
     if kind in (int, float):
         what = "a whole number" if kind is int else "a number"
         try:
-            number = kind(str(value))
+            number = kind(str(value).strip())
         except ValueError:
-            raise UserError(f"{variable} must be {what}, got {value!r}.") from None
+            raise UserError(f"{variable} must be {what}, got {value!r}{where}.") from None
+        if not math.isfinite(number):
+            raise UserError(f"{variable} must be a finite number, got {value!r}{where}.")
         if number < _MINIMUM[name]:
-            raise UserError(f"{variable} must be at least {_MINIMUM[name]}, got {number}.")
+            raise UserError(f"{variable} must be at least {_MINIMUM[name]}, got {number}{where}.")
+        if name in _MAXIMUM and number > _MAXIMUM[name]:
+            raise UserError(f"{variable} must be at most {_MAXIMUM[name]}, got {number}{where}.")
         return number
-    if name == "mongodb_db" and re.search(r'[/\\. "$]', str(value)):
+    if name == "mongodb_db" and (not str(value) or re.search(r'[/\\. "$\x00]', str(value))):
         raise UserError(
-            f"MONGODB_DB {value!r} is not a valid database name: use letters, digits, _ or -."
+            f"MONGODB_DB {value!r}{where} is not a valid database name: use letters, digits, "
+            "_ or -."
         )
     return value
 
@@ -262,6 +325,13 @@ def load_settings(**overrides: object) -> Settings:
                 return layer[variable] or None
         return None
 
+    def where(name: str, variable: str) -> str:
+        if overrides.get(name) is not None:
+            return " (given on the command line)"
+        if variable in os.environ:
+            return " (set in the environment)"
+        return f" (set in {dotenv_path()})"
+
     values: dict[str, Any] = {}
     for name, (variable, _) in _VARIABLES.items():
         value = overrides.get(name)
@@ -269,5 +339,5 @@ def load_settings(**overrides: object) -> Settings:
         if name == "mongodb_uri" and value is None and get("DB_CLUSTER_URL"):
             value = build_uri(get("DB_USER"), get("DB_PASSWORD"), get("DB_CLUSTER_URL") or "")
         if value is not None:
-            values[name] = _convert(name, value)
+            values[name] = _convert(name, value, where(name, variable))
     return replace(Settings(), **values)

@@ -16,6 +16,7 @@ from simulator.errors import (
     ProviderAuthError,
     ProviderError,
     ProviderUnavailable,
+    RetryAfterTooLong,
     UserError,
     ValidationError,
 )
@@ -30,7 +31,7 @@ from simulator.llm.registry import (
     endpoint_key,
     preflight,
 )
-from simulator.llm.retry import RetryAfterTooLong, RetryingModel, RetryPolicy, parse_retry_after
+from simulator.llm.retry import RetryingModel, RetryPolicy, parse_retry_after
 
 NO_WAIT = RetryPolicy(attempts=3, base_delay=0)
 

@@ -53,9 +53,7 @@ def run_conversations(store: Store, q: Questions, exp: Experiment) -> None:
         every_combination=every_combination,
         repetitions=repetitions,
     )
-    from simulator.cli import grid_table
-
-    q.console.print(grid_table(grid))
+    q.console.print(display.grid_table(grid))
     if not q.confirm(
         f"{grid.size()} conversations, at least {grid.llm_calls()} LLM calls. Start?",
         default=True,

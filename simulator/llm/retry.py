@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from simulator.errors import ProviderError
+from simulator.errors import ProviderError, RetryAfterTooLong
 from simulator.llm.base import ChatMessage, ChatModel, Reply
 
 log = logging.getLogger(__name__)
@@ -69,19 +69,6 @@ def parse_retry_after(value: str | None) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
-
-
-class RetryAfterTooLong(ProviderError):
-    """The server asked to wait longer than SIMULATOR_RETRY_MAX_DELAY before the next try."""
-
-    def __init__(self, cause: ProviderError, cap: float):
-        wait = cause.retry_after or 0.0
-        super().__init__(
-            f"{cause}. The server asked to wait {wait:.0f} s before trying again, more than "
-            f"SIMULATOR_RETRY_MAX_DELAY ({cap:g} s), so the call was not retried: resume the "
-            "batch later, or raise SIMULATOR_RETRY_MAX_DELAY to wait that long"
-        )
-        self.retry_after = wait
 
 
 class RetryingModel:
