@@ -204,5 +204,7 @@ def make_grid(
 def _check_range(flag: str, value: int, low: int, high: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise UserError(f"{flag} must be a whole number (got {value!r}).")
-    if not low <= value <= high:
-        raise UserError(f"{flag} must be between {low} and {high:,} (got {value:,}).")
+    if value < low:
+        raise UserError(f"{flag} must be at least {low} (got {value:,}).")
+    if value > high:
+        raise UserError(f"{flag} must be at most {high:,} (got {value:,}).")
