@@ -39,7 +39,9 @@ def simulator_cmd() -> list[str]:
     return [sys.executable, "-c", "from simulator.cli import app; app()"]
 
 
-def cli(env: dict[str, str], workdir: Path, *args: str) -> tuple[float, subprocess.CompletedProcess]:
+def cli(
+    env: dict[str, str], workdir: Path, *args: str
+) -> tuple[float, subprocess.CompletedProcess]:
     started = time.monotonic()
     done = subprocess.run(
         [*simulator_cmd(), *args],
@@ -146,7 +148,9 @@ def measure(workdir: Path, n: int) -> dict[str, Any]:
         rows[name] = seconds
         print(
             f"  {name:<20} {seconds:7.2f} s"
-            + ("" if ok else f"  FAILED ({done.returncode}): {(done.stderr or done.stdout)[-400:]}"),
+            + (
+                "" if ok else f"  FAILED ({done.returncode}): {(done.stderr or done.stdout)[-400:]}"
+            ),
             flush=True,
         )
     cli(env, workdir, "db", "stop")

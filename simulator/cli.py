@@ -513,6 +513,7 @@ def conversations(
         help="Only conversations with this condition (repeatable): llm, days, messages, "
         "speaker, status, repetition, creator, agents_<role>; e.g. --where status=failed.",
     ),
+    limit: int = typer.Option(50, "--limit", "-n", help="Show at most this many (0: all)."),
 ) -> None:
     """List the conversations of an experiment or a batch, with their conditions and status."""
     from simulator.store import parse_where, plural
@@ -520,9 +521,16 @@ def conversations(
     store = open_store()
     filters = parse_where(where or [])
     _, exp, batch_id = store.find_experiment_or_batch(ref)
+    if limit < 0:
+        raise UserError(f"--limit must be 0 (all) or more (got {limit}).")
     records = store.list_conversations(
-        experiment_id=None if batch_id else exp.id, batch_id=batch_id, where=filters
+        experiment_id=None if batch_id else exp.id,
+        batch_id=batch_id,
+        where=filters,
+        limit=limit + 1 if limit else 0,  # one more tells whether there are more
     )
+    more = bool(limit) and len(records) > limit
+    records = records[:limit] if limit else records
     source = f"Batch {batch_id}" if batch_id else f"Experiment {exp.id} ('{exp.name}')"
     if not records:
         if filters:
@@ -531,7 +539,10 @@ def conversations(
             out.print(f"{source} has no conversations yet: `simulator run {(exp.id or '')[:8]}`.")
         return
     out.print(display.conversations_table(records))
-    out.print(f"{plural(len(records), 'conversation')} · {source}", markup=False)
+    shown = plural(len(records), "conversation")
+    if more:
+        shown = f"The first {shown} (--limit 0 shows all, --where narrows them down)"
+    out.print(f"{shown} · {source}", markup=False)
 
 
 def show_conversation(store: Store, ref: str, *, raw: bool) -> None:

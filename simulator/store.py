@@ -761,7 +761,7 @@ class Store:
         wanted = {d["_id"] for d in docs}
         batch_ids = {d.get("batch_id") for d in docs}
         groups: list[dict[str, Any]]
-        if len(docs) <= 100 or None in batch_ids:
+        if len(docs) <= 50 or None in batch_ids:
             groups = [{"conversation_id": {"$in": sorted(wanted)}}]
         else:
             groups = [{"batch_id": b} for b in sorted(str(b) for b in batch_ids)]
@@ -775,10 +775,12 @@ class Store:
         return counts
 
     def transcripts(
-        self, records: Iterable[ConversationRecord], chunk: int = 200
+        self, records: Iterable[ConversationRecord], chunk: int = 50
     ) -> Iterator[tuple[ConversationRecord, Transcript]]:
         """Each record with its stored transcript, in the records' order: three queries per
-        `chunk` conversations (not per conversation), and one chunk in memory at a time."""
+        `chunk` conversations (not per conversation), and one chunk in memory at a time.
+        (SecantusDB matches a `$in` list in time growing with its square: 50 ids take
+        30 ms, 1,000 take 6 s.)"""
         batch: list[ConversationRecord] = []
         for rec in records:
             batch.append(rec)

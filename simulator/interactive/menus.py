@@ -257,8 +257,7 @@ class Menus:
             return False
         counts = self.store.delete_experiment(exp.id or "")
         self.q.say(
-            f"Deleted {exp.id}: {counts.conversations} conversations, "
-            f"{counts.messages} messages."
+            f"Deleted {exp.id}: {counts.conversations} conversations, {counts.messages} messages."
         )
         return True
 
