@@ -22,7 +22,7 @@ def _queries(commands) -> list[dict]:
     return commands.named("find", "aggregate", "count")
 
 
-def test_listing_many_conversations_takes_a_fixed_number_of_queries(watched, db):
+def test_listing_many_conversations_takes_a_fixed_number_of_queries(watched, db):  # noqa: F811 (fixtures)
     store, commands = watched("alice")
     exp = store.insert_experiment(load_experiment(PRISON))
     batch_id = fill(store, exp.id, 240)
@@ -43,7 +43,7 @@ def test_listing_many_conversations_takes_a_fixed_number_of_queries(watched, db)
     )
 
 
-def test_export_reads_transcripts_a_chunk_at_a_time(watched, db, tmp_path):
+def test_export_reads_transcripts_a_chunk_at_a_time(watched, db, tmp_path):  # noqa: F811 (fixtures)
     store, commands = watched("alice")
     exp = store.insert_experiment(load_experiment(PRISON))
     fill(store, exp.id, 120)
@@ -55,7 +55,7 @@ def test_export_reads_transcripts_a_chunk_at_a_time(watched, db, tmp_path):
     assert max(_longest_in(b) for b in _queries(commands)) <= 50
 
 
-def test_status_all_names_and_plurals(cli_for, db):
+def test_status_all_names_and_plurals(cli_for, db):  # noqa: F811 (fixtures)
     alice = Store.open(db, "alice")
     exp = alice.insert_experiment(load_experiment(PRISON))
     mine = run_batch(db, "alice", exp.id, repetitions=1)
@@ -70,7 +70,7 @@ def test_status_all_names_and_plurals(cli_for, db):
     assert "of 2 conversations" in everyone.output
 
 
-def test_conversations_by_name_batch_and_where(cli_for, db):
+def test_conversations_by_name_batch_and_where(cli_for, db):  # noqa: F811 (fixtures)
     alice = Store.open(db, "alice")
     exp = alice.insert_experiment(load_experiment(PRISON))
     first = run_batch(db, "alice", exp.id, repetitions=2)
