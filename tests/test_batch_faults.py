@@ -113,7 +113,7 @@ def test_flaky_server_batch_completes_and_counts_retries(cli, db, tmp_path, prov
         assert retries > 0
         assert server.calls == calls + retries
         assert server.peak_in_flight <= 4
-        assert store.batch_totals(batch.id)["retries"] == retries
+        assert store.batch_totals(batch.id).retries == retries
         assert f"{retries} retries" in result.output
 
 
@@ -200,7 +200,7 @@ def test_max_failures_stops_the_batch_with_a_clear_report(cli, db, tmp_path, max
         assert "Stopping: 3 conversations failed" in result.output  # said when it happens
         assert f"simulator resume {batch.id}" in result.output
         assert server.calls == 3 * 2  # three conversations, two attempts each, then nothing
-        assert store.batch_totals(batch.id)["retries"] == 3  # retries of failed calls count
+        assert store.batch_totals(batch.id).retries == 3  # retries of failed calls count
 
         status = cli("status", batch.id)
         assert status.exit_code == 0
