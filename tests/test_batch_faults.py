@@ -19,7 +19,7 @@ from simulator.cli import app
 from simulator.display import ProgressView, report_text
 from simulator.errors import UserError
 from simulator.runner import BatchReport, ProgressEvent, failure_threshold
-from simulator.store import Store
+from simulator.store import BatchTotals, Store
 from tests.servers import FakeLLMServer, write_experiment
 
 
@@ -284,8 +284,7 @@ def test_report_groups_failures_by_reason():
         elapsed=75.0,
         reason="5 conversations failed, more than --max-failures allows (4)",
     )
-    totals = {"messages": 9, "calls": 12, "prompt_tokens": 100, "completion_tokens": 20,
-              "retries": 7}  # fmt: skip
+    totals = BatchTotals(messages=9, calls=12, prompt_tokens=100, completion_tokens=20, retries=7)
     text = report_text(report, totals)
     assert "Batch b1: stopped — 2 completed, 5 failed, 3 pending of 10 conversations" in text
     assert "100 tokens in / 20 out, 7 retries; this run took 1 min 15 s" in text
