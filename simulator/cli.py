@@ -276,18 +276,25 @@ def experiment_delete(
     ref: str = typer.Argument(..., help="Experiment id or unique prefix."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
-    """Delete an experiment with all its conversations (creator only)."""
+    """Delete an experiment with all its conversations (creator only; refused while it holds
+    anyone else's conversations)."""
+    from simulator.store import plural
+
     store = open_store()
-    exp = store.get_experiment(ref)
+    plan = store.delete_plan(ref)  # a refusal comes before any question
+    exp = plan.experiment
+    what = (
+        f"experiment '{exp.name}' ({exp.id}) and its {plural(plan.conversations, 'conversation')}"
+    )
     if not yes:
         if not sys.stdin.isatty():
-            raise UserError(f"Deleting needs confirmation: add --yes to delete {exp.id}.")
-        typer.confirm(
-            f"Delete experiment '{exp.name}' ({exp.id}) and its conversations?", abort=True
-        )
-    counts = store.delete_experiment(exp.id or ref)
+            raise UserError(f"Deleting needs confirmation: add --yes to delete {what}.")
+        typer.confirm(f"Delete {what}?", abort=True)
+    with display.DeleteProgress(err, plan.conversations) as progress:
+        deleted = store.delete_experiment(exp.id or ref, on_progress=progress)
     out.print(
-        f"Deleted {exp.id}: {counts['conversations']} conversations, {counts['messages']} messages."
+        f"Deleted {exp.id}: {plural(deleted.conversations, 'conversation')}, "
+        f"{plural(deleted.messages, 'message')}."
     )
 
 
@@ -358,8 +365,7 @@ def execute(
             signal.signal(signal.SIGTERM, previous)
         for handler, stream in zip(handlers, streams):
             handler.stream = stream
-    totals = store.batch_totals(report.batch_id)
-    out.print(display.report_text(report, totals))
+    out.print(display.report_text(report, store.batch_totals(report.batch_id)))
     return report
 
 
@@ -509,50 +515,77 @@ def resume(
 @app.command()
 @friendly
 def status(
-    batch: str | None = typer.Argument(None, help="Batch id or prefix (default: all of yours)."),
+    batch: str | None = typer.Argument(None, help="Batch id or prefix (default: your batches)."),
+    all_batches: bool = typer.Option(False, "--all", help="Everyone's batches, not only yours."),
+    limit: int = typer.Option(20, "--limit", "-n", help="Show at most this many batches."),
 ) -> None:
     """Show batches: conversations by status, tokens, time, failures with their reasons."""
     store = open_store()
     if batch:
         batches = [store.get_batch(batch)]
     else:
-        batches = [b for b in store.list_batches() if b.creator == store.user][:20]
+        mine = None if all_batches else store.user
+        batches = store.list_batches(creator=mine, limit=max(limit, 1))
     if not batches:
-        out.print("No batches yet: start one with `simulator run`.")
+        hint = "" if all_batches else " (`--all` shows everyone's)"
+        out.print(f"No batches yet{hint}: start one with `simulator run`.")
         return
+    names = store.experiment_names(b.experiment_id for b in batches)
     for b in batches:
         counts = store.batch_counts(b.id)
         totals = store.batch_totals(b.id)
-        done = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        out.print(
-            f"[bold]{b.id}[/] experiment {b.experiment_id[:8]} · {b.status.replace('_', ' ')} · "
-            f"{done} of {b.total} · {totals['messages']} messages · {totals['calls']} LLM calls · "
-            f"{totals['prompt_tokens']}/{totals['completion_tokens']} tokens in/out · "
-            f"{totals['retries']} retries · ran {display.duration_text(b.elapsed)} · "
-            f"by {b.creator} {b.created_at:%Y-%m-%d %H:%M}",
-            markup=True,
-        )
+        out.print(display.batch_status_text(b, names.get(b.experiment_id), counts, totals))
         if b.error and b.status != "interrupted":
             out.print(f"    stopped: {b.error}", markup=False)
-        for line in display.failures_text(totals["failures"]):
+        for line in display.failures_text(totals.failures):
             out.print(f"  {line}", markup=False)
-        if b.status != "completed" and counts.get("completed", 0) < b.total:
+        unfinished = b.status != "completed" and counts.get("completed", 0) < b.total
+        if unfinished and not display.batch_running(b):  # a live one is being worked on
             out.print(f"    continue with:  simulator resume {b.id}", markup=False)
 
 
 @app.command()
 @friendly
 def conversations(
-    experiment: str = typer.Argument(..., help="Experiment id or prefix."),
+    ref: str = typer.Argument(..., help="Experiment id, prefix or name; or a batch id or prefix."),
+    where: list[str] | None = typer.Option(
+        None,
+        "--where",
+        "-w",
+        metavar="KEY=VALUE",
+        help="Only conversations with this condition (repeatable): llm, days, messages, "
+        "speaker, status, repetition, creator, agents_ROLE (e.g. agents_guard); e.g. --where status=failed.",
+    ),
+    limit: int = typer.Option(50, "--limit", "-n", help="Show at most this many (0: all)."),
 ) -> None:
-    """List an experiment's conversations with their conditions and status."""
+    """List the conversations of an experiment or a batch, with their conditions and status."""
+    from simulator.store import parse_where, plural
+
     store = open_store()
-    exp = store.get_experiment(experiment)
-    records = store.list_conversations(experiment_id=exp.id)
+    filters = parse_where(where or [])
+    _, exp, batch_id = store.find_experiment_or_batch(ref)
+    if limit < 0:
+        raise UserError(f"--limit must be 0 (all) or more (got {limit}).")
+    records = store.list_conversations(
+        experiment_id=None if batch_id else exp.id,
+        batch_id=batch_id,
+        where=filters,
+        limit=limit + 1 if limit else 0,  # one more tells whether there are more
+    )
+    more = bool(limit) and len(records) > limit
+    records = records[:limit] if limit else records
+    source = f"Batch {batch_id}" if batch_id else f"Experiment {exp.id} ('{exp.name}')"
     if not records:
-        out.print(f"Experiment {exp.id} has no conversations yet: `simulator run {exp.id[:8]}`.")  # type: ignore[index]
+        if filters:
+            out.print(f"{source} has no conversations with {', '.join(where or [])}.")
+        else:
+            out.print(f"{source} has no conversations yet: `simulator run {(exp.id or '')[:8]}`.")
         return
     out.print(display.conversations_table(records))
+    shown = plural(len(records), "conversation")
+    if more:
+        shown = f"The first {shown} (--limit 0 shows all, --where narrows them down)"
+    out.print(f"{shown} · {source}", markup=False)
 
 
 def show_conversation(store: Store, ref: str, *, raw: bool, page: bool | None = None) -> None:

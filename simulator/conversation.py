@@ -159,25 +159,37 @@ def validate_counts(total: int, days: int) -> None:
 
 
 def agent_names(roles: Sequence[str], counts: dict[str, int], seed: int) -> list[tuple[str, str]]:
-    """Seeded unique names `Role_NNN`, in role order then creation order."""
+    """Seeded unique names `Role_NNN`, in role order then creation order.
+
+    Three digits while a role has at most 500 agents; more agents get a wider number (at
+    most half of the numbers in use), so names stay unique and quick to draw for any count.
+    """
     rng = random.Random(seed)
     out: list[tuple[str, str]] = []
     for role in roles:
+        count = counts.get(role, 0)
+        label = f"{role[:1].upper()}{role[1:]}"
+        if count > 500:
+            width = max(3, len(str(2 * count - 1)))
+            numbers = rng.sample(range(10**width), count)
+            out += [(f"{label}_{n:0{width}d}", role) for n in numbers]
+            continue
         used: set[int] = set()
-        for _ in range(counts.get(role, 0)):
+        for _ in range(count):
             n = rng.randrange(1000)
             while n in used:
                 n = rng.randrange(1000)
             used.add(n)
-            out.append((f"{role[:1].upper()}{role[1:]}_{n:03d}", role))
+            out.append((f"{label}_{n:03d}", role))
     return out
 
 
 def build_agents(exp: Experiment, spec: ConversationSpec) -> list[Agent]:
     roles = [r.name for r in exp.roles if spec.agents.get(r.name, 0) > 0]
+    # One prompt per role: every agent of a role gets the same one.
+    prompt = {role: prompts.agent_prompt(exp, role, spec.agents) for role in roles}
     return [
-        Agent(name, role, prompts.agent_prompt(exp, role, spec.agents))
-        for name, role in agent_names(roles, spec.agents, spec.seed)
+        Agent(name, role, prompt[role]) for name, role in agent_names(roles, spec.agents, spec.seed)
     ]
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import (
     BarColumn,
@@ -27,7 +28,7 @@ from rich.text import Text
 from simulator.conversation import Message, Summary
 from simulator.grid import Grid
 from simulator.runner import BatchReport, ProgressEvent
-from simulator.store import ConversationRecord, ExperimentRow
+from simulator.store import BatchRecord, BatchTotals, ConversationRecord, ExperimentRow, plural
 
 ROLE_COLOURS = [
     "cyan",
@@ -200,6 +201,66 @@ def conversations_table(records: Sequence[ConversationRecord]) -> Table:
     return table
 
 
+def batch_running(batch: BatchRecord) -> bool:
+    """Is a process working on the batch right now (its lease is held and fresh)?"""
+    return batch.runner_alive is True and not batch.stopped_unexpectedly
+
+
+def batch_status_text(
+    batch: BatchRecord, experiment_name: str | None, counts: dict[str, int], totals: BatchTotals
+) -> str:
+    """One line (rich markup) about a batch for `simulator status`."""
+    b = batch
+    state = b.status.replace("_", " ")
+    if b.stopped_unexpectedly:
+        state = f"stopped unexpectedly (was {state}; its process is gone)"
+    done = ", ".join(f"{n:,} {s}" for s, n in sorted(counts.items())) or "none stored"
+    name = escape(experiment_name) if experiment_name is not None else "(deleted experiment)"
+    return (
+        f"[bold]{b.id}[/] {name} ({b.experiment_id[:8]}) · {state} · {done} of "
+        f"{plural(b.total, 'conversation')} · {plural(totals.messages, 'message')} · "
+        f"{plural(totals.calls, 'LLM call')} · "
+        f"{totals.prompt_tokens:,}/{totals.completion_tokens:,} tokens in/out · "
+        f"{plural(totals.retries, 'retry', 'retries')} · ran {duration_text(b.elapsed)} · "
+        f"by {escape(b.creator)} {b.created_at:%Y-%m-%d %H:%M}"
+    )
+
+
+class DeleteProgress:
+    """A progress bar for a long delete (a terminal only, and only past a few hundred)."""
+
+    def __init__(self, console: Console, total: int):
+        self.console = console
+        self.show = console.is_terminal and total >= 500
+        self._progress: Progress | None = None
+        self._task: Any = None
+
+    def __enter__(self) -> DeleteProgress:
+        if self.show:
+            self._progress = Progress(
+                TextColumn("Deleting"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("conversations"),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self._progress.start()
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._progress is None:
+            return
+        if self._task is None:
+            self._task = self._progress.add_task("delete", total=total)
+        self._progress.update(self._task, completed=done, total=total)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
 def duration_text(seconds: float) -> str:
     """3.2 s, 4 min 05 s, 2 h 03 min."""
     if seconds < 60:
@@ -226,15 +287,15 @@ def failures_text(failures: Sequence[tuple[str, str]], *, reasons: int = 5) -> l
     return lines
 
 
-def report_text(report: BatchReport, totals: dict[str, Any]) -> str:
+def report_text(report: BatchReport, totals: BatchTotals) -> str:
     """The summary printed when a batch run ends: counts, tokens, time, failures with reasons."""
     counts = ", ".join(f"{n} {s}" for s, n in sorted(report.counts.items()))
     lines = [
         f"Batch {report.batch_id}: {report.status.replace('_', ' ')} — {counts} of "
         f"{report.total} conversations",
-        f"{totals['messages']} messages, {totals['calls']} LLM calls, "
-        f"{totals['prompt_tokens']} tokens in / {totals['completion_tokens']} out, "
-        f"{totals['retries']} retries; this run took {duration_text(report.elapsed)}",
+        f"{totals.messages} messages, {totals.calls} LLM calls, "
+        f"{totals.prompt_tokens} tokens in / {totals.completion_tokens} out, "
+        f"{totals.retries} retries; this run took {duration_text(report.elapsed)}",
     ]
     if report.reason and report.reason != "interrupted":
         lines.append(f"Stopped: {report.reason}")

@@ -249,8 +249,9 @@ def _message_fields(
 
 
 def export_rows(store: Store, sel: Selection) -> Iterator[dict]:
-    for rec in sel.conversations:
-        yield from transcript_rows(sel.experiment, rec, store.load_transcript(rec.id))
+    # Transcripts are read a chunk of conversations at a time, not one query per conversation.
+    for rec, t in store.transcripts(sel.conversations):
+        yield from transcript_rows(sel.experiment, rec, t)
 
 
 def write_jsonl(rows: Iterable[dict], path: Path) -> int:
@@ -304,8 +305,7 @@ def export_txt(store: Store, sel: Selection, folder: Path) -> ExportResult:
         text = prompts.compose(list(exp.summarizer.sections.items()))
         result.files.append(_write(prompt_dir / "summarizer.txt", text + "\n"))
     listing = []
-    for rec in sel.conversations:
-        t = store.load_transcript(rec.id)
+    for rec, t in store.transcripts(sel.conversations):
         path = folder / safe_name(rec.spec.llm.model) / f"{rec.id}.txt"
         path.parent.mkdir(exist_ok=True)
         result.files.append(_write(path, transcript_text(exp, rec, t)))
@@ -469,8 +469,8 @@ def index_html(exp: Experiment, records: list[ConversationRecord]) -> str:
 
 def export_html(store: Store, sel: Selection, folder: Path) -> ExportResult:
     result = ExportResult(conversations=len(sel.conversations))
-    for rec in sel.conversations:
-        page = conversation_html(sel.experiment, rec, store.load_transcript(rec.id))
+    for rec, t in store.transcripts(sel.conversations):
+        page = conversation_html(sel.experiment, rec, t)
         result.files.append(_write(folder / f"{rec.id}.html", page))
     # The index lists every page in the folder, so exporting batch after batch adds up.
     exported = [

@@ -4,6 +4,7 @@ repetitions — into conversation specs, lazily, in a fixed order (SPEC §7)."""
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -12,6 +13,8 @@ from simulator.errors import UserError
 from simulator.experiment import SPEAKER_METHODS, Experiment, ModelSpec
 
 BUILTIN_SCRIPTED = ModelSpec("scripted", "scripted")
+INT64_MAX = 2**63 - 1  # the largest whole number MongoDB stores
+MAX_AGENTS_PER_ROLE = 10_000
 
 
 @dataclass
@@ -38,11 +41,16 @@ class Grid:
         ranges = [range(1, self.agents[r] + 1) for r in roles]
         return [dict(zip(roles, combo)) for combo in itertools.product(*ranges)]
 
+    def combination_count(self) -> int:
+        """How many agent combinations the grid has (counted, not listed)."""
+        return math.prod(self.agents.values()) if self.every_combination else 1
+
     def size(self) -> int:
+        """Conversations in the grid, counted arithmetically (a billion repetitions is fine)."""
         return (
             len(self.llms)
-            * len(self.day_counts())
-            * len(self.agent_combinations())
+            * (self.days if self.every_day else 1)
+            * self.combination_count()
             * len(self.speakers)
             * self.repetitions
         )
@@ -67,14 +75,25 @@ class Grid:
     def llm_calls(self) -> int:
         """LLM calls the batch will make at least (re-asks after empty or invalid replies
         come on top): one per message, one summary per day, one selector call per message
-        for `auto` with three or more agents."""
-        total = 0
-        for _, spec in self.expand():
-            calls = spec.messages + spec.days
-            if spec.speaker == "auto" and sum(spec.agents.values()) > 2:
-                calls += spec.messages
-            total += calls
-        return total
+        for `auto` with three or more agents. Counted arithmetically, without expanding."""
+        day_counts = range(1, self.days + 1) if self.every_day else [self.days]
+        per_setting = (
+            self.combination_count()
+            * len(self.speakers)
+            * sum(self.messages + d for d in day_counts)
+        )
+        if "auto" in self.speakers:
+            per_setting += self.messages * len(day_counts) * self._crowded_combinations()
+        return len(self.llms) * self.repetitions * per_setting
+
+    def _crowded_combinations(self) -> int:
+        """Agent combinations with three or more agents (where `auto` asks a selector)."""
+        if not self.every_combination:
+            return 1 if sum(self.agents.values()) > 2 else 0
+        maxima = [n for n in self.agents.values()]
+        # Every role has at least one agent, so only these few combinations have two or fewer.
+        small = {0: 1, 1: min(maxima[0], 2) if maxima else 0, 2: 1}.get(len(maxima), 0)
+        return self.combination_count() - small
 
 
 def resolve_llms(exp: Experiment, names: list[str] | None) -> list[ModelSpec]:
@@ -134,9 +153,16 @@ def make_grid(
     seed: int = 0,
 ) -> Grid:
     """Check every grid value and build the Grid (the one place flags and menus meet)."""
+    _check_range("--messages", messages, 2, INT64_MAX)
+    _check_range("--days", days, 1, INT64_MAX)
     validate_counts(messages, days)
-    if repetitions < 1:
-        raise UserError(f"--repetitions must be at least 1 (got {repetitions}).")
+    _check_range("--repetitions", repetitions, 1, INT64_MAX)
+    _check_range("--seed", seed, 0, INT64_MAX)
+    if seed + repetitions - 1 > INT64_MAX:
+        raise UserError(
+            f"--seed {seed} with --repetitions {repetitions}: repetition r uses seed + r, "
+            f"which must stay at most {INT64_MAX}. Use a smaller --seed."
+        )
     for s in speakers:
         if s not in SPEAKER_METHODS:
             raise UserError(
@@ -150,7 +176,13 @@ def make_grid(
         counts = parse_agents(agents or "", exp)
     else:
         counts = parse_agents(",".join(f"{k}={v}" for k, v in agents.items()), exp)
-    return Grid(
+    for role, n in counts.items():
+        if n > MAX_AGENTS_PER_ROLE:
+            raise UserError(
+                f"--agents {role}={n}: at most {MAX_AGENTS_PER_ROLE:,} agents per role; "
+                "give a smaller count."
+            )
+    grid = Grid(
         llms=resolve_llms(exp, llms),
         messages=messages,
         days=days,
@@ -161,3 +193,18 @@ def make_grid(
         repetitions=repetitions,
         seed=seed,
     )
+    if grid.size() > INT64_MAX:
+        raise UserError(
+            f"This grid has {grid.size():,} conversations, more than can be counted in the "
+            "database: use fewer --repetitions, LLMs, speakers or combinations."
+        )
+    return grid
+
+
+def _check_range(flag: str, value: int, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UserError(f"{flag} must be a whole number (got {value!r}).")
+    if value < low:
+        raise UserError(f"{flag} must be at least {low} (got {value:,}).")
+    if value > high:
+        raise UserError(f"{flag} must be at most {high:,} (got {value:,}).")

@@ -73,6 +73,11 @@ def new_id() -> str:
             return candidate
 
 
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """'1 conversation', '2 conversations', '1,204 messages' ('1 retry', '3 retries')."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {nouns or noun + 's'}"
+
+
 def now() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
 
@@ -169,6 +174,39 @@ class BatchRecord:
 
 
 @dataclass
+class BatchTotals:
+    """Messages, tokens, retries and failures of a batch (for status and summaries)."""
+
+    messages: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    retries: int = 0
+    calls: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Deleted:
+    """What a delete removed."""
+
+    experiments: int = 0
+    batches: int = 0
+    conversations: int = 0
+    messages: int = 0
+    summaries: int = 0
+    selector_calls: int = 0
+
+
+@dataclass
+class DeletePlan:
+    """An experiment the current user may delete, with what deleting it removes."""
+
+    experiment: Experiment
+    batches: int
+    conversations: int
+
+
+@dataclass
 class ConversationRecord:
     id: str
     experiment_id: str
@@ -247,22 +285,40 @@ class Store:
             for coll in (self.messages, self.summaries, self.selector_calls):
                 coll.create_index([("batch_id", 1)])
             self.conversations.create_index([("batch_id", 1), ("index", 1)], unique=True)
-            self.conversations.create_index([("experiment_id", 1), ("created_at", 1)])
+            # listings sort an experiment's or a batch's conversations by (created_at, index)
+            self.conversations.create_index([("experiment_id", 1), ("created_at", 1), ("index", 1)])
+            self.conversations.create_index([("batch_id", 1), ("created_at", 1), ("index", 1)])
             self.conversations.create_index([("batch_id", 1), ("status", 1)])
             self.batches.create_index([("experiment_id", 1)])
+            self.batches.create_index([("creator", 1), ("created_at", -1)])
+            self.batches.create_index([("created_at", -1)])
+            self.experiments.create_index([("creator", 1), ("name", 1)])
         except PyMongoError as e:
             raise StorageError(f"Could not prepare the database: {e}") from e
 
     # --- ids ------------------------------------------------------------------------------
 
-    def _resolve(self, collection: pymongo.collection.Collection, ref: str, what: str) -> dict:
+    def _resolve(
+        self,
+        collection: pymongo.collection.Collection,
+        ref: str,
+        what: str,
+        projection: dict[str, Any] | None = None,
+    ) -> dict:
         ref = ref.strip()
         if not re.fullmatch(r"[0-9a-fA-F]{1,24}", ref):
             raise NotFoundError(
                 f"'{ref}' is not a valid {what} id: ids are hexadecimal, e.g. 3f2a9c01b7de "
                 f"(list them with `simulator {_LISTING[what]}`)."
             )
-        docs = list(collection.find({"_id": {"$regex": f"^{ref.lower()}"}}).limit(3))
+        # A range rather than a regex: it walks the _id index from the prefix on. Ids are
+        # lowercase hexadecimal, and "g" sorts after every hex digit.
+        prefix = ref.lower()
+        docs = list(
+            collection.find({"_id": {"$gte": prefix, "$lt": prefix + "g"}}, projection)
+            .sort("_id", 1)
+            .limit(3)
+        )
         if not docs:
             raise NotFoundError(
                 f"No {what} has an id starting with '{ref}'. "
@@ -302,6 +358,53 @@ class Store:
 
     def get_experiment(self, ref: str) -> Experiment:
         return self._experiment(self._resolve(self.experiments, ref, "experiment"))
+
+    def find_experiment_or_batch(self, ref: str) -> tuple[str, Experiment, str | None]:
+        """What `ref` names: an experiment (id prefix or name) or a batch (id prefix).
+
+        Returns (kind, experiment, batch id or None). A name several experiments share
+        prefers the current user's newest; an id prefix and a name both matching is refused.
+        """
+        ref = ref.strip()
+        found: list[tuple[str, Experiment, str | None]] = []
+        problems: list[NotFoundError] = []
+        for what in ("experiment", "batch"):
+            try:
+                if what == "experiment":
+                    found.append((what, self.get_experiment(ref), None))
+                else:
+                    b = self.get_batch(ref)
+                    found.append((what, self.get_experiment(b.experiment_id), b.id))
+            except NotFoundError as e:
+                problems.append(e)
+        named = list(
+            self.experiments.find({"name": ref}, {"creator": 1, "created_at": 1}).limit(50)
+        )
+        if named:
+            named.sort(key=lambda d: (d.get("creator") == self.user, d["created_at"]), reverse=True)
+            found.append(("name", self.get_experiment(named[0]["_id"]), None))
+        kinds_found = [k for k, _, _ in found]
+        if kinds_found == ["experiment", "name"] and found[0][1].id == found[1][1].id:
+            found.pop()  # its id starts with its own name
+        if len(found) > 1:
+            meanings = {
+                "experiment": lambda e, b: f"experiment {e.id}",
+                "batch": lambda e, b: f"batch {b}",
+                "name": lambda e, b: f"experiment {e.id} (named '{ref}')",
+            }
+            kinds = " or ".join(meanings[k](e, b) for k, e, b in found)
+            raise NotFoundError(
+                f"'{ref}' could mean {kinds}: give more characters of the id you mean."
+            )
+        if found:
+            return found[0]
+        for problem in problems:
+            if "more than one" in str(problem):
+                raise problem
+        raise NotFoundError(
+            f"No experiment (by id or name) or batch (by id) matches '{ref}'. List them with "
+            "`simulator experiment list` and `simulator status --all`."
+        )
 
     def find_identical(self, exp: Experiment) -> Experiment | None:
         """The current user's experiment with exactly this definition, if one is stored."""
@@ -343,29 +446,101 @@ class Store:
         self.experiments.update_one({"_id": doc["_id"]}, {"$set": changes})
         return self._experiment({**doc, **changes})
 
-    def delete_experiment(self, ref: str) -> dict[str, int]:
-        """Delete an experiment with its batches, conversations and messages (creator only)."""
+    def delete_plan(self, ref: str) -> DeletePlan:
+        """Check that the current user may delete an experiment, and count what goes with it.
+
+        Refused (PermissionDenied) unless the user created the experiment and every batch and
+        conversation in it: deleting never removes what someone else created.
+        """
         doc = self._resolve(self.experiments, ref, "experiment")
         self._check_owner(doc, "experiment", "delete")
-        conv_ids = [c["_id"] for c in self.conversations.find({"experiment_id": doc["_id"]}, {})]
-        counts = self._delete_conversation_data(conv_ids)
-        counts["batches"] = self.batches.delete_many({"experiment_id": doc["_id"]}).deleted_count
-        self.experiments.delete_one({"_id": doc["_id"]})
-        counts["experiments"] = 1
-        return counts
+        others: dict[str, int] = {}
+        for row in self.conversations.aggregate(
+            [
+                {"$match": {"experiment_id": doc["_id"], "creator": {"$ne": self.user}}},
+                {"$group": {"_id": "$creator", "n": {"$sum": 1}}},
+            ]
+        ):
+            others[str(row["_id"])] = row["n"]
+        for b in self.batches.find(
+            {"experiment_id": doc["_id"], "creator": {"$ne": self.user}}, {"creator": 1}
+        ):
+            others.setdefault(str(b.get("creator")), 0)
+        if others:
+            whose = ", ".join(
+                f"{who} ({plural(n, 'conversation')})" if n else f"{who} (a batch)"
+                for who, n in sorted(others.items(), key=lambda kv: (-kv[1], kv[0]))
+            )
+            raise PermissionDenied(
+                f"Experiment {doc['_id']} ('{doc.get('name')}') also holds what others created: "
+                f"{whose}. Deleting it would delete their work, so it is refused. Ask them to "
+                "delete their conversations first, or keep the experiment (mark it with "
+                "`simulator experiment note`)."
+            )
+        return DeletePlan(
+            experiment=self._experiment(doc),
+            batches=self.batches.count_documents({"experiment_id": doc["_id"]}),
+            conversations=self.conversations.count_documents({"experiment_id": doc["_id"]}),
+        )
 
-    def _delete_conversation_data(self, conv_ids: list[str]) -> dict[str, int]:
+    def delete_experiment(
+        self, ref: str, on_progress: Callable[[int, int], None] | None = None
+    ) -> Deleted:
+        """Delete an experiment with its batches, conversations and messages.
+
+        Only when the current user created it and everything in it (see delete_plan).
+        `on_progress(conversations deleted, conversations in all)` is called as it goes.
+        Deleted batch by batch, and only what the current user created, so a batch another
+        user adds meanwhile survives (and then so does the experiment).
+        """
+        plan = self.delete_plan(ref)
+        exp_id = plan.experiment.id
+        total, done = plan.conversations, 0
+        deleted = Deleted()
+        report = on_progress or (lambda done, total: None)
+        report(0, total)
+        mine = {"experiment_id": exp_id, "creator": self.user}
+        for batch in list(self.batches.find(mine, {"_id": 1})):
+            # Records carry their batch id: one delete per collection, no list of ids.
+            n = self.conversations.count_documents({"batch_id": batch["_id"]})
+            self._delete_records(deleted, {"batch_id": batch["_id"]})
+            deleted.conversations += self.conversations.delete_many(
+                {"batch_id": batch["_id"], "creator": self.user}
+            ).deleted_count
+            deleted.batches += self.batches.delete_one({"_id": batch["_id"]}).deleted_count
+            done += n
+            report(min(done, total), total)
+        # Conversations without a batch (older imports): their ids, a page at a time.
+        while True:
+            page = [
+                d["_id"]
+                for d in self.conversations.find({**mine, "batch_id": None}, {"_id": 1}).limit(500)
+            ]
+            if not page:
+                break
+            self._delete_conversation_data(page, deleted)
+            done += len(page)
+            report(min(done, total), total)
+        if self.conversations.count_documents(
+            {"experiment_id": exp_id}, limit=1
+        ) or self.batches.count_documents({"experiment_id": exp_id}, limit=1):
+            # Someone else started a batch on it while it was being deleted: theirs stays.
+            self.delete_plan(exp_id or ref)  # names them
+        deleted.experiments = self.experiments.delete_one({"_id": exp_id}).deleted_count
+        return deleted
+
+    def _delete_records(self, deleted: Deleted, query: dict[str, Any]) -> None:
         # Children first: an interrupted delete leaves a conversation without some messages
         # rather than messages without a conversation.
-        query = {"conversation_id": {"$in": conv_ids}}
-        return {
-            "messages": self.messages.delete_many(query).deleted_count,
-            "summaries": self.summaries.delete_many(query).deleted_count,
-            "selector_calls": self.selector_calls.delete_many(query).deleted_count,
-            "conversations": self.conversations.delete_many(
-                {"_id": {"$in": conv_ids}}
-            ).deleted_count,
-        }
+        deleted.messages += self.messages.delete_many(query).deleted_count
+        deleted.summaries += self.summaries.delete_many(query).deleted_count
+        deleted.selector_calls += self.selector_calls.delete_many(query).deleted_count
+
+    def _delete_conversation_data(self, conv_ids: list[str], deleted: Deleted) -> None:
+        self._delete_records(deleted, {"conversation_id": {"$in": conv_ids}})
+        deleted.conversations += self.conversations.delete_many(
+            {"_id": {"$in": conv_ids}}
+        ).deleted_count
 
     def _experiment(self, doc: dict) -> Experiment:
         exp = experiment_from_dict(dict(doc["definition"]), source=f"experiment {doc['_id']}")
@@ -407,9 +582,25 @@ class Store:
         self.fill_liveness([batch])
         return batch
 
-    def list_batches(self, experiment_id: str | None = None) -> list[BatchRecord]:
-        query = {"experiment_id": experiment_id} if experiment_id else {}
-        return [_batch(d) for d in self.batches.find(query).sort("created_at", -1)]
+    def list_batches(
+        self, experiment_id: str | None = None, *, creator: str | None = None, limit: int = 0
+    ) -> list[BatchRecord]:
+        """Batches, newest first: of one experiment, of one creator, or all (0: no limit)."""
+        query: dict[str, Any] = {}
+        if experiment_id:
+            query["experiment_id"] = experiment_id
+        if creator:
+            query["creator"] = creator
+        cursor = self.batches.find(query).sort("created_at", -1).limit(limit)
+        batches = [_batch(d) for d in cursor]
+        self.fill_liveness(batches)
+        return batches
+
+    def experiment_names(self, ids: Iterable[str]) -> dict[str, str]:
+        """{experiment id: name} of the given experiments (those that exist)."""
+        wanted = sorted(set(ids))
+        docs = self.experiments.find({"_id": {"$in": wanted}}, {"name": 1})
+        return {d["_id"]: d.get("name") or "" for d in docs}
 
     def server_time(self) -> datetime:
         """The database server's clock (UTC): leases are judged by it, never by ours, so
@@ -661,17 +852,11 @@ class Store:
         )
         return {r["_id"]: r["n"] for r in rows}
 
-    def batch_totals(self, batch_id: str) -> dict[str, Any]:
+    def batch_totals(self, batch_id: str) -> BatchTotals:
         """Messages, tokens, retries and failures of a batch (for status and summaries)."""
         # Matched on the batch id every record carries: matching a list of the batch's
         # conversation ids instead takes seconds on the embedded server for 1,000 of them.
-        totals: dict[str, Any] = {
-            "messages": 0,
-            "prompt_tokens": 0,
-            "completion_tokens": 0,
-            "retries": 0,
-            "calls": 0,
-        }
+        totals = BatchTotals()
         for coll in (self.messages, self.summaries, self.selector_calls):
             for row in coll.aggregate(
                 [
@@ -689,18 +874,20 @@ class Store:
                 ]
             ):
                 if coll is self.messages:
-                    totals["messages"] = row["n"]
-                for k in ("prompt_tokens", "completion_tokens", "retries", "calls"):
-                    totals[k] += row[k]
+                    totals.messages = row["n"]
+                totals.prompt_tokens += row["prompt_tokens"]
+                totals.completion_tokens += row["completion_tokens"]
+                totals.retries += row["retries"]
+                totals.calls += row["calls"]
         # Retries of calls that failed for good are kept on their conversation (no message holds them).
         for row in self.conversations.aggregate(
             [
-                {"$match": {"batch_id": batch_id}},
+                {"$match": {"batch_id": batch_id, "failed_call_retries": {"$gt": 0}}},
                 {"$group": {"_id": None, "retries": {"$sum": "$failed_call_retries"}}},
             ]
         ):
-            totals["retries"] += row["retries"] or 0
-        totals["failures"] = self.batch_failures(batch_id)
+            totals.retries += row["retries"] or 0
+        totals.failures = self.batch_failures(batch_id)
         return totals
 
     def batch_failures(self, batch_id: str) -> list[tuple[str, str]]:
@@ -721,31 +908,102 @@ class Store:
         return record
 
     def list_conversations(
-        self, *, experiment_id: str | None = None, batch_id: str | None = None, limit: int = 0
+        self,
+        *,
+        experiment_id: str | None = None,
+        batch_id: str | None = None,
+        where: dict[str, str] | None = None,
+        limit: int = 0,
+        prompts: bool = False,
     ) -> list[ConversationRecord]:
-        """Conversations in creation order, with their stored message counts (0: no limit)."""
-        query: dict[str, Any] = {}
+        """Conversations in creation order, with their stored message counts (0: no limit).
+
+        `where` filters by condition (see CONVERSATION_FILTERS), e.g. {"llm": "llama3",
+        "agents_guard": "2", "status": "failed"}. Without `prompts` the records leave out the
+        composed prompts (agents' system prompts and the summarizer's): a listing does not
+        need them, and they are most of a conversation's size.
+        """
+        query: dict[str, Any] = conversation_filter(where or {})
         if experiment_id:
             query["experiment_id"] = experiment_id
         if batch_id:
             query["batch_id"] = batch_id
-        cursor = self.conversations.find(query).sort([("created_at", 1), ("index", 1)])
+        projection = None if prompts else {"agents.system_prompt": 0, "summarizer_prompt": 0}
+        cursor = self.conversations.find(query, projection).sort([("created_at", 1), ("index", 1)])
         docs = list(cursor.limit(limit))
-        counts = {
-            r["_id"]: r["n"]
-            for r in self.messages.aggregate(
-                [
-                    {"$match": {"conversation_id": {"$in": [d["_id"] for d in docs]}}},
-                    {"$group": {"_id": "$conversation_id", "n": {"$sum": 1}}},
-                ]
-            )
-        }
+        counts = self._message_counts(docs)
         out = []
         for d in docs:
             rec = _conversation(d)
             rec.message_count = counts.get(rec.id, 0)
             out.append(rec)
         return out
+
+    def _message_counts(self, docs: list[dict]) -> dict[str, int]:
+        """Stored messages per conversation, for these conversation documents.
+
+        A few conversations: matched by id. Many: counted over their whole batches, matched by
+        the batch id every message carries (a list of thousands of ids is slow to match).
+        """
+        if not docs:
+            return {}
+        wanted = {d["_id"] for d in docs}
+        batch_ids = {d.get("batch_id") for d in docs}
+        groups: list[dict[str, Any]]
+        if len(docs) <= 50 or None in batch_ids:
+            groups = [{"conversation_id": {"$in": sorted(wanted)}}]
+        else:
+            groups = [{"batch_id": b} for b in sorted(str(b) for b in batch_ids)]
+        counts: dict[str, int] = {}
+        for match in groups:
+            for r in self.messages.aggregate(
+                [{"$match": match}, {"$group": {"_id": "$conversation_id", "n": {"$sum": 1}}}]
+            ):
+                if r["_id"] in wanted:
+                    counts[r["_id"]] = r["n"]
+        return counts
+
+    def transcripts(
+        self, records: Iterable[ConversationRecord], chunk: int = 50
+    ) -> Iterator[tuple[ConversationRecord, Transcript]]:
+        """Each record with its stored transcript, in the records' order: three queries per
+        `chunk` conversations (not per conversation), and one chunk in memory at a time.
+        (SecantusDB matches a `$in` list in time growing with its square: 50 ids take
+        30 ms, 1,000 take 6 s.)"""
+        batch: list[ConversationRecord] = []
+        for rec in records:
+            batch.append(rec)
+            if len(batch) >= chunk:
+                yield from self._transcripts(batch)
+                batch = []
+        if batch:
+            yield from self._transcripts(batch)
+
+    def _transcripts(
+        self, records: list[ConversationRecord]
+    ) -> Iterator[tuple[ConversationRecord, Transcript]]:
+        query = {"conversation_id": {"$in": [r.id for r in records]}}
+        found: dict[str, Transcript] = {r.id: Transcript() for r in records}
+        for d in self.messages.find(query, {"_id": 0, "batch_id": 0, "created_at": 0}):
+            found[d["conversation_id"]].messages.append(_message(d))
+        for d in self.summaries.find(query, {"_id": 0, "batch_id": 0, "created_at": 0}):
+            found[d["conversation_id"]].summaries.append(
+                Summary(d["day"], d["content"], _usage(d.get("usage")))
+            )
+        calls = list(self.selector_calls.find(query, {"_id": 0, "batch_id": 0, "created_at": 0}))
+        calls.sort(key=lambda d: (d["day"], d["turn"], d.get("attempt", 0)))
+        for d in calls:
+            found[d["conversation_id"]].selector_calls.append(
+                SelectorCall(
+                    d["day"], d["turn"], d["answer"], d.get("chosen"), _usage(d.get("usage"))
+                )
+            )
+        for rec in records:
+            t = found[rec.id]
+            t.messages.sort(key=lambda m: (m.day, m.turn))
+            t.summaries.sort(key=lambda s: s.day)
+            t.fallbacks = count_fallbacks(t.selector_calls)
+            yield rec, t
 
     def mark_running(self, conv_id: str, lease: Lease | None = None) -> bool:
         """Start (or continue) a conversation. With `lease`, only an unfinished one, and it
@@ -809,10 +1067,16 @@ class Store:
         self._check_owner(doc, "conversation", "change the favourite of")
         self.conversations.update_one({"_id": doc["_id"]}, {"$set": {"favourite": favourite}})
 
-    def delete_conversation(self, ref: str) -> dict[str, int]:
-        doc = self._resolve(self.conversations, ref, "conversation")
-        self._check_owner(doc, "conversation", "delete")
-        return self._delete_conversation_data([doc["_id"]])
+    def delete_conversation(self, ref: str) -> Deleted:
+        doc = self._resolve(self.conversations, ref, "conversation", {"creator": 1})
+        if doc.get("creator") != self.user:
+            raise PermissionDenied(
+                f"Only {doc.get('creator')!s}, who created conversation {doc['_id']}, can "
+                f"delete it; you are {self.user}. Ask them to delete it if it should go."
+            )
+        deleted = Deleted()
+        self._delete_conversation_data([doc["_id"]], deleted)
+        return deleted
 
     # --- messages, summaries, selector calls ----------------------------------------------
 
@@ -1045,6 +1309,77 @@ def _busy(batch_id: str, held: LeaseHolder | None) -> UserError:
     )
 
 
+def _message(d: dict) -> Message:
+    return Message(
+        day=d["day"],
+        turn=d["turn"],
+        speaker=d["speaker"],
+        role=d["role"],
+        content=d["content"],
+        raw=d.get("raw"),
+        empty=bool(d.get("empty")),
+        usage=_usage(d.get("usage")),
+    )
+
+
+# --where KEY=VALUE on conversations: key -> (document field, type). `agents_<role>` too.
+CONVERSATION_FILTERS: dict[str, tuple[str, type]] = {
+    "llm": ("llm", str),
+    "days": ("days", int),
+    "messages": ("messages", int),
+    "speaker": ("speaker_selection", str),
+    "status": ("status", str),
+    "repetition": ("repetition", int),
+    "creator": ("creator", str),
+}
+STATUSES = ("pending", "running", "interrupted", "failed", "completed")
+
+
+def conversation_filter(where: dict[str, str]) -> dict[str, Any]:
+    """A MongoDB query for `--where` conditions; a clear UserError for a bad key or value."""
+    query: dict[str, Any] = {}
+    for key, value in where.items():
+        key, value = key.strip(), str(value).strip()
+        kind: type
+        if key.startswith("agents_") and re.fullmatch(r"agents_[A-Za-z0-9]+", key):
+            field, kind = f"agents_per_role.{key[len('agents_') :]}", int
+        elif key in CONVERSATION_FILTERS:
+            field, kind = CONVERSATION_FILTERS[key]
+        else:
+            valid = ", ".join([*CONVERSATION_FILTERS, "agents_<role> (e.g. agents_guard)"])
+            raise UserError(f"--where {key}=...: unknown key '{key}'. Filter by one of: {valid}.")
+        if kind is int:
+            if not re.fullmatch(r"-?\d+", value):
+                raise UserError(f"--where {key}={value}: {key} is a whole number, e.g. {key}=2.")
+            query[field] = int(value)
+        elif key == "llm":
+            # the label (provider/model), the model, or an Ollama model without its tag
+            query["$or"] = [
+                {"llm.label": value},
+                {"llm.model": value},
+                {"llm.model": f"{value}:latest"},
+            ]
+        elif key == "status" and value not in STATUSES:
+            raise UserError(f"--where status={value}: a status is one of {', '.join(STATUSES)}.")
+        else:
+            query[field] = value
+    return query
+
+
+def parse_where(items: Iterable[str]) -> dict[str, str]:
+    """`--where KEY=VALUE` options (repeatable) as a dict; a clear error for a malformed one."""
+    where: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(
+                f"--where {item!r}: write KEY=VALUE, e.g. --where status=failed or "
+                "--where agents_guard=2."
+            )
+        where[key.strip()] = value.strip()
+    return where
+
+
 def count_fallbacks(calls: list[SelectorCall]) -> int:
     """Turns where every selector attempt was invalid, so round-robin chose."""
     by_turn: dict[tuple[int, int], list[SelectorCall]] = {}
@@ -1130,7 +1465,9 @@ def _conversation(doc: dict) -> ConversationRecord:
         batch_id=doc.get("batch_id"),
         index=doc.get("index", 0),
         spec=spec,
-        agents=[Agent(**a) for a in doc.get("agents", [])],
+        agents=[
+            Agent(a["name"], a["role"], a.get("system_prompt", "")) for a in doc.get("agents", [])
+        ],
         summarizer_prompt=doc.get("summarizer_prompt", ""),
         status=ConversationStatus(doc["status"]),
         creator=doc.get("creator", ""),

@@ -19,7 +19,7 @@ from simulator.cli import app
 from simulator.display import ProgressView, report_text
 from simulator.errors import UserError
 from simulator.runner import BatchReport, ProgressEvent, failure_threshold
-from simulator.store import Store
+from simulator.store import BatchTotals, Store
 from tests.servers import FakeLLMServer, write_experiment
 
 
@@ -113,7 +113,7 @@ def test_flaky_server_batch_completes_and_counts_retries(cli, db, tmp_path, prov
         assert retries > 0
         assert server.calls == calls + retries
         assert server.peak_in_flight <= 4
-        assert store.batch_totals(batch.id)["retries"] == retries
+        assert store.batch_totals(batch.id).retries == retries
         assert f"{retries} retries" in result.output
 
 
@@ -200,7 +200,7 @@ def test_max_failures_stops_the_batch_with_a_clear_report(cli, db, tmp_path, max
         assert "Stopping: 3 conversations failed" in result.output  # said when it happens
         assert f"simulator resume {batch.id}" in result.output
         assert server.calls == 3 * 2  # three conversations, two attempts each, then nothing
-        assert store.batch_totals(batch.id)["retries"] == 3  # retries of failed calls count
+        assert store.batch_totals(batch.id).retries == 3  # retries of failed calls count
 
         status = cli("status", batch.id)
         assert status.exit_code == 0
@@ -284,8 +284,7 @@ def test_report_groups_failures_by_reason():
         elapsed=75.0,
         reason="5 conversations failed, more than --max-failures allows (4)",
     )
-    totals = {"messages": 9, "calls": 12, "prompt_tokens": 100, "completion_tokens": 20,
-              "retries": 7}  # fmt: skip
+    totals = BatchTotals(messages=9, calls=12, prompt_tokens=100, completion_tokens=20, retries=7)
     text = report_text(report, totals)
     assert "Batch b1: stopped — 2 completed, 5 failed, 3 pending of 10 conversations" in text
     assert "100 tokens in / 20 out, 7 retries; this run took 1 min 15 s" in text

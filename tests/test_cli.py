@@ -50,7 +50,7 @@ def test_import_run_small_grid_everything_stored(cli, db):
     assert store.list_batches() == []  # a dry run writes nothing
 
     cli(*grid, "--plain")
-    records = store.list_conversations(experiment_id=exp.id)
+    records = store.list_conversations(experiment_id=exp.id, prompts=True)
     assert len(records) == planned_conversations
     calls = 0
     for rec in records:

@@ -53,7 +53,7 @@ def hold(db, batch_id: str, *, host: str, pid: int, age: float = 0.0) -> None:
 
 
 def messages(store: Store, batch_id: str) -> int:
-    return store.batch_totals(batch_id)["messages"]
+    return store.batch_totals(batch_id).messages
 
 
 def test_a_live_runner_refuses_a_second_resume(interrupted_batch, db):

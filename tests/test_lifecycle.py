@@ -482,7 +482,7 @@ def test_agent_requests_carry_the_other_speakers_labels_as_stop_sequences(db, tm
         exp = experiment(store, tmp_path, f"{{model: m1, provider: {provider}, base_url: '{url}'}}")
         report = start_batch(store, exp, grid(exp, messages=2, days=1, repetitions=1), options())
         assert report.status == "completed"
-        (conv,) = store.list_conversations(batch_id=report.batch_id)
+        (conv,) = store.list_conversations(batch_id=report.batch_id, prompts=True)
         names = {a.name: a for a in conv.agents}
         agent_bodies = [b for b in server.bodies() if len(b["messages"]) >= 2
                         and any(b["messages"][0].get("content") == a.system_prompt for a in conv.agents)]  # fmt: skip

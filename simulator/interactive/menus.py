@@ -257,8 +257,7 @@ class Menus:
             return False
         counts = self.store.delete_experiment(exp.id or "")
         self.q.say(
-            f"Deleted {exp.id}: {counts['conversations']} conversations, "
-            f"{counts['messages']} messages."
+            f"Deleted {exp.id}: {counts.conversations} conversations, {counts.messages} messages."
         )
         return True
 
@@ -318,7 +317,7 @@ class Menus:
         ):
             return False
         counts = self.store.delete_conversation(rec.id)
-        self.q.say(f"Deleted {rec.id}: {counts['messages']} messages.")
+        self.q.say(f"Deleted {rec.id}: {counts.messages} messages.")
         return True
 
 
