@@ -21,6 +21,7 @@ from rich.console import Console
 from servers import FakeLLMServer
 
 from simulator import display
+from simulator.errors import PermissionDenied
 from simulator.experiment import Experiment, ModelSpec, experiment_to_dict, load_experiment
 from simulator.grid import make_grid
 from simulator.interactive.menus import Menus
@@ -499,3 +500,22 @@ def test_a_batch_from_the_menus_honours_the_concurrency_and_retry_settings(
     assert sorted(r.status for r in records) == ["completed", "failed"], out
     assert calls == 1 + 3  # the failed call, not retried; 2 messages and a summary
     assert peak == 1  # never two conversations at once
+
+
+def test_refusals_suggest_only_what_applies(alice, bob, prison, db):
+    """Item 16: refusing to delete someone's conversation does not suggest `experiment
+    duplicate`; refusing to change an experiment's note does (the copy is yours to edit)."""
+    exp = bob.insert_experiment(prison)
+    conv_id = run_one_conversation(bob, exp)
+    messages = db["messages"].count_documents({"conversation_id": conv_id})
+
+    with pytest.raises(PermissionDenied) as refused:
+        alice.delete_conversation(conv_id)
+    assert str(refused.value) == (
+        f"Only bob, who created conversation {conv_id}, can delete it; you are alice."
+    )
+    assert db["messages"].count_documents({"conversation_id": conv_id}) == messages
+    with pytest.raises(PermissionDenied) as refused:
+        alice.set_note(exp.id or "", "mine")
+    assert "Duplicate it (`simulator experiment duplicate`)" in str(refused.value)
+    assert bob.get_experiment(exp.id or "").note == prison.note
