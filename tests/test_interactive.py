@@ -519,3 +519,23 @@ def test_refusals_suggest_only_what_applies(alice, bob, prison, db):
         alice.set_note(exp.id or "", "mine")
     assert "Duplicate it (`simulator experiment duplicate`)" in str(refused.value)
     assert bob.get_experiment(exp.id or "").note == prison.note
+
+
+def test_the_creator_is_not_offered_delete_while_others_conversations_are_in_it(
+    alice, bob, prison, tmp_path, db
+):
+    """Items 16 and 1: an experiment holding someone else's conversations cannot be deleted;
+    the menu says so up front instead of asking for a confirmation first."""
+    exp = alice.insert_experiment(prison)
+    run_one_conversation(bob, exp)
+    rows = {c: db[c].count_documents({}) for c in ("conversations", "messages")}
+    # where Delete was: 6 Downs now land on Back (Delete is skipped); "y" would confirm
+    keys = SELECT_FIRST + down(6) + ENTER + "y" + ESC + EXIT
+
+    out, asked = drive_asked(alice, keys, tmp_path)
+
+    menu = next(a.entries for a in asked if a.message.startswith("Experiment '"))
+    assert ("Delete the experiment", "it holds conversations of others (1 by bob)") in menu
+    assert [a.message for a in asked if a.kind != "select"] == []
+    assert {c: db[c].count_documents({}) for c in rows} == rows
+    assert alice.get_experiment(exp.id or "").id == exp.id

@@ -99,17 +99,31 @@ def _cut(text: str, width: int) -> str:
 
 
 def _favourite_choice(favourite: bool) -> Choice:
-    return Choice(
-        "Remove from my favourites" if favourite else "Add to my favourites", "favourite"
-    )
+    return Choice("Remove from my favourites" if favourite else "Add to my favourites", "favourite")
 
 
-def _creator_only(title: str, value: str, creator: str | None, user: str) -> Choice:
+def _creator_only(
+    title: str, value: str, creator: str | None, user: str, others: str = ""
+) -> Choice:
     """An entry only the creator may choose; for anyone else it is shown disabled, saying why
-    (before any question is asked)."""
-    if creator == user:
-        return Choice(title, value)
-    return Choice(title, value, disabled=f"only its creator, {creator}, can")
+    (before any question is asked). `others`: why not even the creator (others' work in it)."""
+    if creator != user:
+        return Choice(title, value, disabled=f"only its creator, {creator}, can")
+    if others:
+        return Choice(title, value, disabled=others)
+    return Choice(title, value)
+
+
+def _others_work(conversations: Sequence[ConversationRecord], user: str) -> str:
+    """Whose conversations (not the user's) an experiment holds: it cannot be deleted then."""
+    counts: dict[str, int] = {}
+    for c in conversations:
+        if c.creator != user:
+            counts[c.creator] = counts.get(c.creator, 0) + 1
+    if not counts:
+        return ""
+    whose = ", ".join(f"{n} by {creator}" for creator, n in sorted(counts.items()))
+    return f"it holds conversations of others ({whose})"
 
 
 class Menus:
@@ -209,7 +223,13 @@ class Menus:
                     _favourite_choice(exp.favourite),
                     Choice("Export to files", "export"),
                     Choice(f"Browse conversations ({len(conversations)})", "browse"),
-                    _creator_only("Delete the experiment", "delete", exp.creator, user),
+                    _creator_only(
+                        "Delete the experiment",
+                        "delete",
+                        exp.creator,
+                        user,
+                        _others_work(conversations, user),
+                    ),
                     Choice("Back", _BACK),
                 ],
             )
