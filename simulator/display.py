@@ -10,7 +10,8 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from rich.console import Console, Group, RenderableType
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.live import Live
 from rich.markup import escape
 from rich.panel import Panel
@@ -157,27 +158,92 @@ def _height(console: Console, parts: Sequence[RenderableType]) -> int:
     return sum(len(console.render_lines(p, options, pad=False)) for p in parts)
 
 
-def experiments_table(rows: Sequence[ExperimentRow]) -> Table:
-    table = Table(show_lines=False)
-    table.add_column("id", no_wrap=True, min_width=8)
-    for col in ("", "name", "creator", "created"):
-        table.add_column(col, no_wrap=True)
-    for col in ("roles", "LLMs", "conv.", "note"):
-        table.add_column(col)
-    for row in rows:
-        e = row.experiment
-        table.add_row(
-            (e.id or "")[:8],
-            "⭐" if e.favourite else "",
-            e.name,
-            e.creator or "",
-            e.created_at.strftime("%Y-%m-%d") if e.created_at else "",
-            ",".join(r.name for r in e.roles),
-            ",".join(s.model.removesuffix(":latest") for s in e.llms),
-            str(row.conversations),
-            e.note,
-        )
-    return table
+EXPERIMENT_COLUMNS = ("star", "id", "name", "creator", "created", "roles", "LLMs", "conv.", "note")
+_CAPS = {"name": 24, "creator": 12, "roles": 22, "LLMs": 28}
+_NAME_MIN, _NOTE_MIN, _NOTE_SHORTEST = 12, 20, 8
+# after the id, the name's first 12 characters, the count and the note's first 20: these,
+# each while it fits
+_OPTIONAL = ("creator", "created", "LLMs", "roles")
+
+
+def experiment_cells(row: ExperimentRow) -> dict[str, str]:
+    """What the experiment lists (`experiment list` and the menus) show of one experiment."""
+    e = row.experiment
+    return {
+        "star": "⭐" if e.favourite else "",
+        "id": (e.id or "")[:8],
+        "name": e.name,
+        "creator": e.creator or "",
+        "created": e.created_at.strftime("%Y-%m-%d %H:%M") if e.created_at else "",
+        "roles": ", ".join(r.name for r in e.roles),
+        "LLMs": ", ".join(s.model.removesuffix(":latest") for s in e.llms),
+        "conv.": str(row.conversations),
+        "note": " ".join(e.note.split()),
+    }
+
+
+def experiment_columns(
+    cells: Sequence[dict[str, str]], width: int, gap: int, *, headers: bool = False
+) -> dict[str, int]:
+    """The columns of an experiment list that fit in `width` cells, `gap` cells apart, and
+    their widths (in display order).
+
+    Always the star, the id prefix, the name (its first 12 characters) and the number of
+    conversations; then the note's first 20 characters (at least 8); then creator, date, LLMs, roles
+    while each fits; what is left widens the name, then the note: the note is cut last.
+    """
+
+    def natural(col: str) -> int:
+        longest = max((cell_len(c[col]) for c in cells), default=0)
+        if headers and col != "star":
+            longest = max(longest, cell_len(col))
+        return min(longest, _CAPS.get(col, longest))
+
+    chosen = {"star": 2, "id": 8, "name": min(natural("name"), _NAME_MIN), "conv.": 0}
+    chosen["conv."] = natural("conv.")
+    used = sum(chosen.values()) + gap * (len(chosen) - 1)
+    room = min(natural("note"), _NOTE_MIN, width - used - gap)
+    if any(c["note"] for c in cells) and room >= _NOTE_SHORTEST:
+        chosen["note"] = room
+        used += gap + room
+    for col in _OPTIONAL:
+        if natural(col) and used + gap + natural(col) <= width:
+            chosen[col] = natural(col)
+            used += gap + natural(col)
+    for col in ("name", "note"):
+        if col in chosen:
+            grow = max(min(width - used, natural(col) - chosen[col]), 0)
+            chosen[col] += grow
+            used += grow
+    return {col: chosen[col] for col in EXPERIMENT_COLUMNS if col in chosen}
+
+
+class ExperimentsTable:
+    """The `experiment list` table, laid out for the width it is printed in: it always shows
+    the id and the number of conversations, and drops or cuts other columns to fit."""
+
+    def __init__(self, rows: Sequence[ExperimentRow]):
+        self.cells = [experiment_cells(r) for r in rows]
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        # a column takes its width plus 3 (padding on both sides and a border), +1 border
+        widths = experiment_columns(self.cells, options.max_width - 4, 3, headers=True)
+        table = Table()
+        for col, width in widths.items():
+            table.add_column(
+                "" if col == "star" else col,
+                width=width,
+                no_wrap=True,
+                overflow="ellipsis",
+                justify="right" if col == "conv." else "left",
+            )
+        for cells in self.cells:
+            table.add_row(*(cells[col] for col in widths))
+        yield table
+
+
+def experiments_table(rows: Sequence[ExperimentRow]) -> ExperimentsTable:
+    return ExperimentsTable(rows)
 
 
 def conversations_table(records: Sequence[ConversationRecord]) -> Table:

@@ -223,7 +223,7 @@ class ConversationRecord:
     finished_at: datetime | None = None
     usage: dict[str, Usage] = field(default_factory=dict)
     fallbacks: int = 0
-    favourite: bool = False
+    favourited_by: list[str] = field(default_factory=list)  # who starred it (each for themselves)
     note: str = ""
     message_count: int = 0
 
@@ -334,11 +334,21 @@ class Store:
 
     def _check_owner(self, doc: dict, what: str, action: str) -> None:
         if doc.get("creator") != self.user:
-            raise PermissionDenied(
-                f"Only {doc.get('creator')!s}, who created {what} {doc['_id']}, can {action} it; "
-                f"you are {self.user}. Duplicate it (`simulator experiment duplicate`) to make "
-                "your own copy."
+            raise PermissionDenied(refusal(doc.get("creator"), what, doc["_id"], action, self.user))
+
+    def _star(self, collection: pymongo.collection.Collection, doc: dict, favourite: bool) -> None:
+        """Add or remove the current user's star; anyone may, it changes nothing of anyone else's.
+
+        A document from before per-person favourites has a boolean `favourite`: it becomes its
+        creator's star first (only if no list exists yet, so a concurrent star is not lost).
+        """
+        if "favourited_by" not in doc:
+            collection.update_one(
+                {"_id": doc["_id"], "favourited_by": {"$exists": False}},
+                {"$set": {"favourited_by": favourited_by(doc)}, "$unset": {"favourite": ""}},
             )
+        change = "$addToSet" if favourite else "$pull"
+        collection.update_one({"_id": doc["_id"]}, {change: {"favourited_by": self.user}})
 
     # --- experiments ----------------------------------------------------------------------
 
@@ -347,7 +357,7 @@ class Store:
             "_id": new_id(),
             "name": exp.name,
             "note": exp.note,
-            "favourite": exp.favourite,
+            "favourited_by": [self.user] if exp.favourite else [],
             "creator": self.user,
             "created_at": now(),
             "parent_id": parent_id,
@@ -415,14 +425,14 @@ class Store:
         return self._experiment(doc) if doc else None
 
     def list_experiments(self, *, mine: bool = False, search: str = "") -> list[ExperimentRow]:
-        """Favourites first, then newest first."""
+        """The current user's favourites first, then newest first."""
         query: dict[str, Any] = {"creator": self.user} if mine else {}
         if search:
             pattern = {"$regex": re.escape(search), "$options": "i"}
             query["$or"] = [{"name": pattern}, {"note": pattern}, {"creator": pattern}]
         docs = list(self.experiments.find(query))
         docs.sort(key=lambda d: d["created_at"], reverse=True)
-        docs.sort(key=lambda d: not d.get("favourite"))
+        docs.sort(key=lambda d: self.user not in favourited_by(d))
         counts = {
             row["_id"]: row["n"]
             for row in self.conversations.aggregate(
@@ -438,7 +448,10 @@ class Store:
         return self._update_experiment(ref, {"note": note}, "change the note of")
 
     def set_favourite(self, ref: str, favourite: bool) -> Experiment:
-        return self._update_experiment(ref, {"favourite": favourite}, "change the favourite of")
+        """Star (or unstar) an experiment for the current user; anyone's experiment."""
+        doc = self._resolve(self.experiments, ref, "experiment")
+        self._star(self.experiments, doc, favourite)
+        return self._experiment(self.experiments.find_one({"_id": doc["_id"]}) or doc)
 
     def _update_experiment(self, ref: str, changes: dict, action: str) -> Experiment:
         doc = self._resolve(self.experiments, ref, "experiment")
@@ -546,7 +559,7 @@ class Store:
         exp = experiment_from_dict(dict(doc["definition"]), source=f"experiment {doc['_id']}")
         exp.id = doc["_id"]
         exp.note = doc.get("note", "")
-        exp.favourite = bool(doc.get("favourite"))
+        exp.favourite = self.user in favourited_by(doc)
         exp.creator = doc.get("creator")
         exp.created_at = doc.get("created_at")
         exp.parent_id = doc.get("parent_id")
@@ -815,7 +828,7 @@ class Store:
             "finished_at": None,
             "usage": {},
             "fallbacks": 0,
-            "favourite": False,
+            "favourited_by": [],
             "note": "",
         }
 
@@ -1063,9 +1076,9 @@ class Store:
         ).modified_count
 
     def set_conversation_favourite(self, ref: str, favourite: bool) -> None:
+        """Star (or unstar) a conversation for the current user; anyone's conversation."""
         doc = self._resolve(self.conversations, ref, "conversation")
-        self._check_owner(doc, "conversation", "change the favourite of")
-        self.conversations.update_one({"_id": doc["_id"]}, {"$set": {"favourite": favourite}})
+        self._star(self.conversations, doc, favourite)
 
     def delete_conversation(self, ref: str) -> Deleted:
         doc = self._resolve(self.conversations, ref, "conversation", {"creator": 1})
@@ -1399,6 +1412,22 @@ _LISTING = {
 }
 
 
+def favourited_by(doc: dict) -> list[str]:
+    """Who starred an experiment or conversation. Before stars were per person a document had
+    one boolean `favourite`, set by its creator (the only one allowed): it is the creator's."""
+    if "favourited_by" in doc:
+        return list(doc["favourited_by"] or [])
+    return [doc["creator"]] if doc.get("favourite") and doc.get("creator") else []
+
+
+def refusal(creator: str | None, what: str, ref: str, action: str, user: str) -> str:
+    """Why the current user may not change or delete someone else's experiment/conversation."""
+    text = f"Only {creator}, who created {what} {ref}, can {action} it; you are {user}."
+    if what == "experiment" and action != "delete":
+        text += " Duplicate it (`simulator experiment duplicate`) to make your own copy."
+    return text
+
+
 def _definition(exp: Experiment) -> dict:
     d = experiment_to_dict(exp)
     for key in ("note", "favourite"):
@@ -1477,7 +1506,7 @@ def _conversation(doc: dict) -> ConversationRecord:
         finished_at=doc.get("finished_at"),
         usage={k: _usage(v) for k, v in (doc.get("usage") or {}).items()},
         fallbacks=doc.get("fallbacks", 0),
-        favourite=bool(doc.get("favourite")),
+        favourited_by=favourited_by(doc),
         note=doc.get("note", ""),
     )
 

@@ -118,13 +118,15 @@ def test_duplicate_colleagues_experiment_and_permissions(cli, db):
     for args in (
         ("experiment", "delete", bob_exp.id, "--yes"),
         ("experiment", "note", bob_exp.id, "mine now"),
-        ("experiment", "favourite", bob_exp.id),
     ):
         result = cli(*args, user="alice", ok=False)
         assert result.exit_code == 1
         assert "Only bob" in result.output and "Traceback" not in result.output
     unchanged = alice.get_experiment(bob_exp.id)
-    assert (unchanged.note, unchanged.favourite) == (original.note, original.favourite)
+    assert unchanged.note == original.note
+    cli("experiment", "favourite", bob_exp.id, user="alice")  # a star is per person: anyone's
+    assert alice.get_experiment(bob_exp.id).favourite
+    assert not store_for(db, "bob").get_experiment(bob_exp.id).favourite
     # the creator may
     cli("experiment", "note", bob_exp.id, "checked", user="bob")
     cli("experiment", "favourite", bob_exp.id, user="bob")

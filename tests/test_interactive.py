@@ -8,16 +8,25 @@ import io
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
+from rich.cells import cell_len
 from rich.console import Console
 from servers import FakeLLMServer
 
-from simulator.experiment import experiment_to_dict, load_experiment
-from simulator.interactive import main_menu
+from simulator import display
+from simulator.errors import PermissionDenied
+from simulator.experiment import Experiment, ModelSpec, experiment_to_dict, load_experiment
+from simulator.grid import make_grid
+from simulator.interactive.menus import Menus
+from simulator.interactive.questions import Questions, Separator
+from simulator.runner import RunOptions, start_batch
 from simulator.store import Store
 
 PRISON = Path(__file__).resolve().parent.parent / "experiments" / "prison.yaml"
@@ -54,19 +63,69 @@ def drive(store: Store, keys: str, tmp_path: Path) -> str:
     The pipe is closed after the keys, so a script that runs short ends in EOF (treated
     like Esc) instead of hanging.
     """
+    return drive_asked(store, keys, tmp_path)[0]
+
+
+@dataclass
+class Asked:
+    kind: str  # select | confirm | text
+    message: str
+    entries: list[tuple[str, str | None]]  # a select's entries: title, why disabled
+
+
+class RecordedQuestions(Questions):
+    """The real questions (questionary on the pipe), remembering each one asked: prompt_toolkit
+    draws nothing of a question answered by keys already typed, so a test reads it here."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.asked: list[Asked] = []
+
+    def select(self, message: str, choices: Any, **kwargs: Any) -> Any:
+        entries = [(str(c.title), c.disabled) for c in choices if not isinstance(c, Separator)]
+        self.asked.append(Asked("select", message, entries))
+        return super().select(message, choices, **kwargs)
+
+    def confirm(self, message: str, default: bool = False) -> bool:
+        self.asked.append(Asked("confirm", message, []))
+        return super().confirm(message, default)
+
+    def text(self, message: str, default: str = "", **kwargs: Any) -> str:
+        self.asked.append(Asked("text", message, []))
+        return super().text(message, default, **kwargs)
+
+
+def drive_asked(
+    store: Store, keys: str, tmp_path: Path, *, width: int = 200
+) -> tuple[str, list[Asked]]:
+    """Like drive, on a console `width` columns wide; also returns every question asked."""
     out = io.StringIO()
-    console = Console(file=out, width=200, color_system=None)
+    console = Console(file=out, width=width, color_system=None)
     with create_pipe_input() as pipe:
         pipe.send_text(keys)
         pipe.close()
-        main_menu(
-            store,
-            input=pipe,
-            output=DummyOutput(),
-            console=console,
-            experiments_dir=tmp_path / "experiments",
-        )
-    return out.getvalue()
+        q = RecordedQuestions(input=pipe, output=DummyOutput(), console=console)
+        Menus(store, q, tmp_path / "experiments").main()
+    return out.getvalue(), q.asked
+
+
+def older(exp: Experiment, db: Any) -> Experiment:
+    """The experiment, as if created an hour earlier (ids are stored to the second)."""
+    exp.created_at = (exp.created_at or datetime.now()) - timedelta(hours=1)
+    db["experiments"].update_one({"_id": exp.id}, {"$set": {"created_at": exp.created_at}})
+    return exp
+
+
+def run_one_conversation(store: Store, exp: Experiment) -> str:
+    """A one-conversation batch on the scripted model, as `store`'s user; its id."""
+    grid = make_grid(
+        exp, llms=["scripted"], messages=2, days=1, agents="guard=1,prisoner=1",
+        speakers=["round_robin"],
+    )  # fmt: skip
+    report = start_batch(store, exp, grid, RunOptions())
+    assert report.status == "completed"
+    (record,) = store.list_conversations(batch_id=report.batch_id)
+    return record.id
 
 
 @pytest.fixture
@@ -198,19 +257,40 @@ def test_duplicate_another_users_experiment_changing_one_section(alice, bob, pri
     assert experiment_to_dict(bob.get_experiment(original.id)) == experiment_to_dict(prison)
 
 
-def test_a_non_creator_cannot_delete(alice, bob, prison, tmp_path):
-    original = bob.insert_experiment(prison)
-    keys = SELECT_FIRST + down(6) + ENTER + "y"  # Delete the experiment, confirmed
-    keys += down(3) + ENTER  # Mark as favourite
-    keys += BACK + ESC + EXIT
+def test_a_non_creator_is_not_offered_what_only_the_creator_may_do(
+    alice, bob, prison, tmp_path, db
+):
+    """Item 16: Delete and Change note are shown disabled with the reason, never asked about
+    then refused; the conversation's Delete too. Starring is anyone's (item 17)."""
+    exp = bob.insert_experiment(prison)
+    conv_id = run_one_conversation(bob, exp)
+    messages = db["messages"].count_documents({})
+    # the experiment menu, top to bottom and round to the top again: Down skips disabled
+    # entries, so 6 Downs go Duplicate, favourite, Export, Browse, Back, Perform
+    keys = SELECT_FIRST + down(6)
+    keys += down(2) + ENTER  # the third entry one can choose: Add to my favourites
+    keys += down(4) + ENTER + ENTER  # Browse conversations (1), the conversation
+    keys += DOWN + ENTER  # Add to my favourites (Delete is disabled)
+    keys += down(2) + ENTER  # View, favourite, (Delete skipped), Back
+    keys += ESC + ESC + ESC + EXIT
 
-    out = drive(alice, keys, tmp_path)
+    out, asked = drive_asked(alice, keys, tmp_path)
 
-    assert "Refused: Only bob, who created experiment" in out
-    assert "can delete it; you are alice" in out
-    assert "can change the favourite of it" in out
-    still = bob.get_experiment(original.id)
-    assert still.favourite is False
+    disabled = {(t, why) for a in asked for t, why in a.entries if why}
+    assert disabled == {
+        ("Change the note", "only its creator, bob, can"),
+        ("Delete the experiment", "only its creator, bob, can"),
+        ("Delete the conversation", "only its creator, bob, can"),
+    }
+    # nothing asked about what is refused, nothing refused after asking: menus only
+    assert [a.message for a in asked if a.kind != "select"] == []
+    assert "Refused" not in out
+    # alice's own stars; bob's experiment, conversation and messages untouched
+    assert db["experiments"].find_one({"_id": exp.id})["favourited_by"] == ["alice"]
+    assert db["conversations"].find_one({"_id": conv_id})["favourited_by"] == ["alice"]
+    assert db["messages"].count_documents({}) == messages
+    assert bob.get_experiment(exp.id or "").note == prison.note
+    assert not bob.get_experiment(exp.id or "").favourite
 
 
 def test_the_creator_deletes_with_confirmation(alice, prison, tmp_path):
@@ -279,3 +359,183 @@ def test_the_list_filters_to_mine_and_searches(alice, bob, prison, tmp_path):
     out = drive(alice, keys, tmp_path)
     headers = [line.split()[0] for line in out.splitlines() if "· by " in line]
     assert headers == ["alices-study", "bobs-study"]
+
+
+def test_a_favourite_is_per_person(alice, bob, prison, tmp_path, db):
+    """Item 17: alice stars bob's experiment for herself; bob does not see her star, and her
+    favourites come first only in her list."""
+    prison.name = "bobs-study"
+    bobs = older(bob.insert_experiment(prison), db)
+    prison.name = "alices-study"
+    alices = alice.insert_experiment(prison)  # newer: first in a list without favourites
+    keys = DOWN + ENTER + DOWN + ENTER  # the list; bobs-study
+    keys += down(2) + ENTER  # Add to my favourites (Change the note is disabled)
+    keys += BACK + ESC + EXIT
+
+    out = drive(alice, keys, tmp_path)
+
+    assert "Refused" not in out
+    assert db["experiments"].find_one({"_id": bobs.id})["favourited_by"] == ["alice"]
+    assert [r.experiment.id for r in alice.list_experiments()] == [bobs.id, alices.id]
+    assert [r.experiment.id for r in bob.list_experiments()] == [alices.id, bobs.id]
+    assert alice.get_experiment(bobs.id or "").favourite
+    assert not bob.get_experiment(bobs.id or "").favourite
+    for store, starred in ((alice, [bobs.id]), (bob, [])):
+        _, asked = drive_asked(store, DOWN + ENTER + ESC + EXIT, tmp_path)
+        rows = next(a.entries for a in asked if a.message.startswith("Experiments"))
+        assert [t for t, _ in rows if "⭐" in t] == [
+            t for t, _ in rows if any((i or "")[:8] in t for i in starred)
+        ]
+        assert len([t for t, _ in rows if "⭐" in t]) == len(starred)
+    # the star as a YAML carries it: the favourite of whoever imports it
+    assert experiment_to_dict(alice.get_experiment(bobs.id or ""))["favourite"] is True
+    assert "favourite" not in experiment_to_dict(bob.get_experiment(bobs.id or ""))
+    prison.favourite = True
+    imported = bob.insert_experiment(prison)
+    assert db["experiments"].find_one({"_id": imported.id})["favourited_by"] == ["bob"]
+    # and removed again, by her, for her
+    alice.set_favourite(bobs.id or "", False)
+    assert db["experiments"].find_one({"_id": bobs.id})["favourited_by"] == []
+
+
+def test_an_old_favourite_flag_is_the_creators_star(alice, bob, prison, db):
+    """Item 17: documents from before per-person stars have one boolean `favourite` (only
+    the creator could set it): it reads as the creator's star, and survives others' stars."""
+    exp = older(bob.insert_experiment(prison), db)
+    conv_id = run_one_conversation(bob, exp)
+    old = {"$set": {"favourite": True}, "$unset": {"favourited_by": ""}}
+    db["experiments"].update_one({"_id": exp.id}, old)
+    db["conversations"].update_one({"_id": conv_id}, old)
+    prison.name = "newer"
+    newer = bob.insert_experiment(prison)
+
+    assert bob.get_experiment(exp.id or "").favourite
+    assert not alice.get_experiment(exp.id or "").favourite
+    assert [r.experiment.id for r in bob.list_experiments()] == [exp.id, newer.id]
+    assert [r.experiment.id for r in alice.list_experiments()] == [newer.id, exp.id]
+    assert bob.get_conversation(conv_id).favourited_by == ["bob"]
+
+    alice.set_favourite(exp.id or "", True)
+    alice.set_conversation_favourite(conv_id, True)
+    for collection, ref in (("experiments", exp.id), ("conversations", conv_id)):
+        doc = db[collection].find_one({"_id": ref})
+        assert doc["favourited_by"] == ["bob", "alice"] and "favourite" not in doc
+    bob.set_conversation_favourite(conv_id, False)
+    assert alice.get_conversation(conv_id).favourited_by == ["alice"]
+
+
+def _negotiations(alice: Store, bob: Store, prison: Experiment) -> list[Experiment]:
+    prison.name = "negotiation"
+    prison.note = "Buyers and sellers haggle over a used car; the seller knows of a hidden defect"
+    first = bob.insert_experiment(prison)
+    run_one_conversation(bob, first)
+    run_one_conversation(alice, first)
+    prison.note = "Second take"
+    return [first, alice.insert_experiment(prison)]
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_the_experiment_list_fits_the_terminal(alice, bob, prison, tmp_path, width):
+    """Item 20: every row fits; the id prefix tells the two "negotiation" rows apart; the
+    conversation count is always there; the note is cut (last), not dropped."""
+    first, second = _negotiations(alice, bob, prison)
+
+    _, asked = drive_asked(alice, DOWN + ENTER + ESC + EXIT, tmp_path, width=width)
+
+    titles = next(a.entries for a in asked if a.message.startswith("Experiments"))
+    rows = {}
+    for exp, count in ((first, 2), (second, 0)):
+        (row,) = [title for title, _ in titles if (exp.id or "")[:8] in title]
+        rows[exp.id] = row
+        assert 3 + cell_len(row) < width, row  # questionary draws " » " before it
+        assert "negotiation" in row and f"{count} conv." in row
+    if width == 200:
+        assert first.note in rows[first.id] and "bob" in rows[first.id]
+    else:
+        assert "Buyers and sellers haggle" in rows[first.id] and "…" in rows[first.id]
+    assert "Second take" in rows[second.id]
+
+
+@pytest.mark.parametrize("width", [60, 80, 200])
+def test_experiment_list_table_fits_the_console(alice, bob, prison, width):
+    """Item 20, `experiment list`: the id and the conversation count in every width."""
+    first, second = _negotiations(alice, bob, prison)
+    out = io.StringIO()
+    Console(file=out, width=width, color_system=None).print(
+        display.experiments_table(alice.list_experiments())
+    )
+    lines = out.getvalue().splitlines()
+    assert max(cell_len(line) for line in lines) <= width
+    assert "conv." in lines[1] and "id" in lines[1]
+    for exp, count in ((first, 2), (second, 0)):
+        (row,) = [line for line in lines if (exp.id or "")[:8] in line]
+        assert "negotiation" in row and f" {count} " in row
+    if width == 200:
+        assert first.note in out.getvalue()
+
+
+def test_a_batch_from_the_menus_honours_the_concurrency_and_retry_settings(
+    alice, prison, tmp_path, monkeypatch
+):
+    """The menus run batches with SIMULATOR_CONCURRENCY and SIMULATOR_RETRY_*: one
+    conversation at a time, and a failed call is not retried with one attempt in all."""
+    prison.llms = [ModelSpec("llama3", "ollama")]
+    exp = alice.insert_experiment(prison)
+    monkeypatch.setenv("SIMULATOR_CONCURRENCY", "1")
+    monkeypatch.setenv("SIMULATOR_RETRY_ATTEMPTS", "1")
+    keys = SELECT_FIRST + ENTER  # Perform new conversations
+    keys += typed("2") + ENTER  # 2 repetitions; the LLM ticked first (llama3)
+    keys += typed("2") + typed("1")  # 2 messages, 1 day
+    keys += ENTER + ENTER  # guard 1, prisoner 1
+    keys += ENTER + ENTER  # round_robin; start
+    keys += ESC + ESC + EXIT
+
+    with FakeLLMServer(models={"llama3:latest"}, latency=0.05) as ollama:
+        monkeypatch.setenv("OLLAMA_HOST", ollama.url)
+        ollama.fail_next(500)
+        out = drive(alice, keys, tmp_path)
+        calls, peak = ollama.calls, ollama.peak_in_flight
+
+    records = alice.list_conversations(experiment_id=exp.id)
+    assert sorted(r.status for r in records) == ["completed", "failed"], out
+    assert calls == 1 + 3  # the failed call, not retried; 2 messages and a summary
+    assert peak == 1  # never two conversations at once
+
+
+def test_refusals_suggest_only_what_applies(alice, bob, prison, db):
+    """Item 16: refusing to delete someone's conversation does not suggest `experiment
+    duplicate`; refusing to change an experiment's note does (the copy is yours to edit)."""
+    exp = bob.insert_experiment(prison)
+    conv_id = run_one_conversation(bob, exp)
+    messages = db["messages"].count_documents({"conversation_id": conv_id})
+
+    with pytest.raises(PermissionDenied) as refused:
+        alice.delete_conversation(conv_id)
+    assert str(refused.value) == (
+        f"Only bob, who created conversation {conv_id}, can delete it; you are alice."
+    )
+    assert db["messages"].count_documents({"conversation_id": conv_id}) == messages
+    with pytest.raises(PermissionDenied) as refused:
+        alice.set_note(exp.id or "", "mine")
+    assert "Duplicate it (`simulator experiment duplicate`)" in str(refused.value)
+    assert bob.get_experiment(exp.id or "").note == prison.note
+
+
+def test_the_creator_is_not_offered_delete_while_others_conversations_are_in_it(
+    alice, bob, prison, tmp_path, db
+):
+    """Items 16 and 1: an experiment holding someone else's conversations cannot be deleted;
+    the menu says so up front instead of asking for a confirmation first."""
+    exp = alice.insert_experiment(prison)
+    run_one_conversation(bob, exp)
+    rows = {c: db[c].count_documents({}) for c in ("conversations", "messages")}
+    # where Delete was: 6 Downs now land on Back (Delete is skipped); "y" would confirm
+    keys = SELECT_FIRST + down(6) + ENTER + "y" + ESC + EXIT
+
+    out, asked = drive_asked(alice, keys, tmp_path)
+
+    menu = next(a.entries for a in asked if a.message.startswith("Experiment '"))
+    assert ("Delete the experiment", "it holds conversations of others (1 by bob)") in menu
+    assert [a.message for a in asked if a.kind != "select"] == []
+    assert {c: db[c].count_documents({}) for c in rows} == rows
+    assert alice.get_experiment(exp.id or "").id == exp.id

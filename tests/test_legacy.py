@@ -60,7 +60,8 @@ def test_import_of_the_prototypes_database(prototype, settings, env_for, mongo_s
     assert set(imported) == {ids.prison, ids.negotiation}
     prison = store.get_experiment(imported[ids.prison])
     assert prison.name == "guards-and-prisoners-risk-scenario"  # the note's first words
-    assert (prison.note, prison.favourite, prison.creator) == (fx.PRISON_NOTE, True, "marco")
+    assert (prison.note, prison.favourite, prison.creator) == (fx.PRISON_NOTE, False, "marco")
+    assert Store(db, "marco").get_experiment(prison.id or "").favourite  # the creator's star
     assert prison.created_at == datetime(2024, 5, 1, 9, 30)
     assert prison.starting_message == fx.START
     assert [r.name for r in prison.roles] == ["guard", "prisoner"]
@@ -90,7 +91,7 @@ def test_import_of_the_prototypes_database(prototype, settings, env_for, mongo_s
     c1 = store.get_conversation(convs[ids.conversations["c1"]])
     assert (c1.batch_id, c1.index, c1.status) == (batch.id, 0, "completed")
     assert (c1.creator, c1.created_at) == ("marco", datetime(2024, 5, 2, 10, 0))
-    assert (c1.favourite, c1.note) == (True, "calm one")
+    assert (c1.favourited_by, c1.note) == (["marco"], "calm one")
     assert (c1.spec.llm.label, c1.spec.llm.temperature, c1.spec.days) == (
         "ollama/llama3:latest", 0.7, 2)  # fmt: skip
     assert c1.spec.messages == 4  # n_messages=6 over 2 days: each day's opening took a round

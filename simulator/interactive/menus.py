@@ -2,8 +2,10 @@
 
 Every answer becomes the same library call the flags and YAML make (Store methods, export;
 creating and running go through wizard.py and run.py), so there is no second code path.
-Ctrl-C or Esc at any question goes back to the previous menu and saves nothing; a refused
-action (not the creator) is shown as a message.
+Ctrl-C or Esc at any question goes back to the previous menu and saves nothing. What only
+the creator may do (change the note, delete) is shown to everyone else disabled, with the
+reason, before any question is asked; starring is for everyone (each person has their own
+favourites).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from prompt_toolkit.input import Input
 from prompt_toolkit.output import Output
 from rich.console import Console
+from rich.text import Text
 
 from simulator import display
 from simulator.errors import NotFoundError, PermissionDenied, UserError
@@ -44,42 +47,83 @@ def main_menu(
     ).main()
 
 
-def experiment_title(row: ExperimentRow) -> str:
-    """One row of the experiment list."""
-    e = row.experiment
-    created = e.created_at.strftime("%Y-%m-%d %H:%M") if e.created_at else ""
-    parts = [
-        ("⭐ " if e.favourite else "   ") + _cut(e.name, 24).ljust(24),
-        _cut(e.creator or "", 10).ljust(10),
-        created,
-        _cut(", ".join(r.name for r in e.roles), 22).ljust(22),
-        _cut(", ".join(s.model for s in e.llms), 28).ljust(28),
-        f"{row.conversations:>5} conv.",
+# questionary draws " » " (or three spaces) before each entry; one column more is left free
+# so that a row never touches the edge, where some terminals wrap.
+_POINTER = 4
+_GAP = "  "
+
+
+def experiment_titles(rows: Sequence[ExperimentRow], width: int) -> list[str]:
+    """The rows of the experiment list, in columns that fit `width` terminal columns.
+
+    Always the star, the id's first 8 characters, the name and the number of conversations;
+    other columns while they fit; the note is cut last (display.experiment_columns).
+    """
+    cells = [display.experiment_cells(r) for r in rows]
+    for c in cells:
+        c["conv."] += " conv."
+    widths = display.experiment_columns(cells, width - _POINTER, len(_GAP))
+    return [
+        _GAP.join(
+            _fit(c[col], w, right=col == "conv.", pad=col != "note") for col, w in widths.items()
+        ).rstrip()
+        for c in cells
     ]
-    if e.note:
-        parts.append(_cut(e.note, 50))
-    return "  ".join(parts)
 
 
-def conversation_title(rec: ConversationRecord) -> str:
-    """One row of the conversation list: its condition and status."""
+def conversation_title(rec: ConversationRecord, user: str, width: int = 0) -> str:
+    """One row of the conversation list: its condition and status (cut to `width`, if any)."""
     s = rec.spec
     agents = ",".join(f"{r}={n}" for r, n in s.agents.items())
     status = rec.status + (f": {_cut(rec.error, 40)}" if rec.error else "")
-    return (
-        f"{'⭐' if rec.favourite else ' '} {rec.id[:8]}  {s.llm.label} · {rec.message_count}/"
-        f"{s.messages} msgs · {s.days} day(s) · {agents} · {s.speaker} · rep {s.repetition} · "
-        f"{status}"
+    title = (
+        f"{'⭐' if user in rec.favourited_by else '  '} {rec.id[:8]}  {s.llm.label} · "
+        f"{rec.message_count}/{s.messages} msgs · {s.days} day(s) · {agents} · {s.speaker} · "
+        f"rep {s.repetition} · {status}"
     )
+    return _fit(title, width - _POINTER, pad=False) if width else title
+
+
+def _fit(text: str, width: int, *, right: bool = False, pad: bool = True) -> str:
+    """`text` in exactly `width` terminal cells (cut with … when longer; padded unless not)."""
+    cut = Text(" ".join(text.split()))
+    cut.truncate(max(width, 1), overflow="ellipsis")
+    if not pad:
+        return cut.plain
+    space = " " * max(width - cut.cell_len, 0)
+    return space + cut.plain if right else cut.plain + space
 
 
 def _cut(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return _fit(text, width, pad=False)
 
 
 def _favourite_choice(favourite: bool) -> Choice:
-    return Choice("Remove from favourites" if favourite else "Mark as favourite", "favourite")
+    return Choice("Remove from my favourites" if favourite else "Add to my favourites", "favourite")
+
+
+def _creator_only(
+    title: str, value: str, creator: str | None, user: str, others: str = ""
+) -> Choice:
+    """An entry only the creator may choose; for anyone else it is shown disabled, saying why
+    (before any question is asked). `others`: why not even the creator (others' work in it)."""
+    if creator != user:
+        return Choice(title, value, disabled=f"only its creator, {creator}, can")
+    if others:
+        return Choice(title, value, disabled=others)
+    return Choice(title, value)
+
+
+def _others_work(conversations: Sequence[ConversationRecord], user: str) -> str:
+    """Whose conversations (not the user's) an experiment holds: it cannot be deleted then."""
+    counts: dict[str, int] = {}
+    for c in conversations:
+        if c.creator != user:
+            counts[c.creator] = counts.get(c.creator, 0) + 1
+    if not counts:
+        return ""
+    whose = ", ".join(f"{n} by {creator}" for creator, n in sorted(counts.items()))
+    return f"it holds conversations of others ({whose})"
 
 
 class Menus:
@@ -145,8 +189,9 @@ class Menus:
                     f"No experiments ({whose}) yet: create one, or import a YAML file "
                     "with `simulator experiment import FILE`."
                 )
+            titles = experiment_titles(rows, self.console.width)
             choices: list[Choice | Separator] = [
-                Choice(experiment_title(r), r.experiment.id) for r in rows
+                Choice(title, r.experiment.id) for title, r in zip(titles, rows, strict=True)
             ]
             toggle = "Show everyone's experiments" if self.mine else "Show only mine"
             choices += [Separator(), Choice(toggle, _TOGGLE), Choice("Back", _BACK)]
@@ -168,16 +213,23 @@ class Menus:
                 return
             conversations = self.store.list_conversations(experiment_id=exp.id)
             self.show_header(exp, len(conversations))
+            user = self.store.user
             choice = self.menu(
                 f"Experiment '{exp.name}'",
                 [
                     Choice("Perform new conversations", "run"),
                     Choice("Duplicate and update", "duplicate"),
-                    Choice("Change the note", "note"),
+                    _creator_only("Change the note", "note", exp.creator, user),
                     _favourite_choice(exp.favourite),
                     Choice("Export to files", "export"),
                     Choice(f"Browse conversations ({len(conversations)})", "browse"),
-                    Choice("Delete the experiment", "delete"),
+                    _creator_only(
+                        "Delete the experiment",
+                        "delete",
+                        exp.creator,
+                        user,
+                        _others_work(conversations, user),
+                    ),
                     Choice("Back", _BACK),
                 ],
             )
@@ -269,8 +321,9 @@ class Menus:
             if not records:
                 self.q.say("No conversations yet: choose 'Perform new conversations'.")
                 return
+            user, width = self.store.user, self.console.width
             choices: list[Choice | Separator] = [
-                Choice(conversation_title(r), r.id) for r in records
+                Choice(conversation_title(r, user, width), r.id) for r in records
             ]
             choices += [Separator(), Choice("Back", _BACK)]
             choice = self.menu(f"Conversations of '{exp.name}'", choices, search=True)
@@ -284,12 +337,14 @@ class Menus:
                 rec = self.store.get_conversation(conv_id)
             except NotFoundError:
                 return
+            user = self.store.user
+            starred = user in rec.favourited_by
             choice = self.menu(
                 f"Conversation {rec.id}",
                 [
                     Choice("View the transcript", "view"),
-                    _favourite_choice(rec.favourite),
-                    Choice("Delete the conversation", "delete"),
+                    _favourite_choice(starred),
+                    _creator_only("Delete the conversation", "delete", rec.creator, user),
                     Choice("Back", _BACK),
                 ],
             )
@@ -298,7 +353,7 @@ class Menus:
             if choice == "view":
                 self.view(rec, exp)
             elif choice == "favourite":
-                self.guarded(self.store.set_conversation_favourite, rec.id, not rec.favourite)
+                self.guarded(self.store.set_conversation_favourite, rec.id, not starred)
             elif choice == "delete" and self.guarded(self.delete_conversation, rec):
                 return
 
