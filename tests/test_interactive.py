@@ -512,7 +512,8 @@ def test_refusals_suggest_only_what_applies(alice, bob, prison, db):
     with pytest.raises(PermissionDenied) as refused:
         alice.delete_conversation(conv_id)
     assert str(refused.value) == (
-        f"Only bob, who created conversation {conv_id}, can delete it; you are alice."
+        f"Only bob, who created conversation {conv_id}, can delete it; you are alice. "
+        "Ask them to delete it if it should go."
     )
     assert db["messages"].count_documents({"conversation_id": conv_id}) == messages
     with pytest.raises(PermissionDenied) as refused:
