@@ -571,7 +571,13 @@ def targets(results: list[Result]) -> list[dict[str, Any]]:
     r = by_name.get("c-c32-openai")
     add("peak RSS <= 300 MB", "c-c32-openai", r.peak_rss_mb if r else None, RSS_TARGET_MB, False)
     r = by_name.get("d-c32-openai")
-    add("efficiency >= 0.8", "d-c32-openai", r.efficiency if r else None, SHORT_EFFICIENCY_TARGET, True)
+    add(
+        "efficiency >= 0.8",
+        "d-c32-openai",
+        r.efficiency if r else None,
+        SHORT_EFFICIENCY_TARGET,
+        True,
+    )
     return rows
 
 
