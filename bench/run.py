@@ -8,7 +8,10 @@ from /proc, peak RSS from the kernel's accounting of the finished process.
 
     python bench/run.py            # everything (about 6 minutes)
     python bench/run.py --quick    # without run (a) at concurrency 1 (about 2.5 minutes less)
-    python bench/run.py --only b   # only some runs: a, b, c or run names such as a-c16-openai
+    python bench/run.py --only b   # only some runs: a, b, c, d or run names such as a-c16-openai
+    python bench/run.py --only d --tree /work/main --load 2
+        # run (d), many short conversations, with this checkout and another one (before/after)
+        # in alternation, while two busy loops compete for the CPUs
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ DAYS = 1
 
 # Targets from issue 4.
 EFFICIENCY_TARGET = 0.9
+# Target from issue 9, item 12: many short conversations as efficient as few long ones.
+SHORT_EFFICIENCY_TARGET = 0.8
 OVERHEAD_TARGET_MS = 3.0
 RSS_TARGET_MB = 300.0
 
@@ -55,6 +60,7 @@ class RunSpec:
     messages: int
     latency: float  # seconds the fake server waits before answering each chat call
     concurrency: int
+    tree: str = ""  # another checkout to run the CLI from (PYTHONPATH); "" is this one
 
     @property
     def calls_per_conversation(self) -> int:
@@ -82,7 +88,36 @@ def plan(quick: bool) -> list[RunSpec]:
     runs.append(RunSpec("a-c16-ollama", "a", "ollama", 64, 10, 0.2, 16))
     runs += [RunSpec(f"b-c{c}-openai", "b", "openai", 64, 10, 0.0, c) for c in (1, 16)]
     runs.append(RunSpec("c-c32-openai", "c", "openai", 1000, 4, 0.02, 32))
+    # Issue 9, item 12: 2,000 short conversations (4 messages, 1 day) at 10 ms per call.
+    runs.append(RunSpec("d-c32-openai", "d", "openai", 400 if quick else 2000, 4, 0.01, 32))
     return runs
+
+
+def with_trees(runs: list[RunSpec], trees: list[str]) -> list[RunSpec]:
+    """Every run once per checkout, alternating, so both see the same machine load."""
+    if not trees:
+        return runs
+    out = []
+    for spec in runs:
+        out.append(spec)
+        for tree in trees:
+            name = f"{spec.name}@{Path(tree).name}"
+            out.append(RunSpec(**{**asdict(spec), "name": name, "tree": tree}))
+    return out
+
+
+class BusyLoops:
+    """`n` processes spinning on a CPU each: the load of other people on a shared machine."""
+
+    def __init__(self, n: int):
+        self.procs = [
+            subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)
+        ]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
 
 
 # --- the fake LLM server, in a process of its own --------------------------------------------
@@ -366,11 +401,12 @@ class Bench:
         ]  # fmt: skip
         load_before = os.getloadavg()[0]
         llm_pid = self.server.process.pid
+        env = {**self.env, "PYTHONPATH": spec.tree or str(ROOT)}  # the code measured
         with open(log_path, "w") as log:
             started = time.monotonic()
             proc = subprocess.Popen(
                 [*self.simulator, *args],
-                env=self.env,
+                env=env,
                 cwd=self.workdir,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -439,6 +475,7 @@ def bench_environment(workdir: Path, data_dir: Path) -> dict[str, str]:
     dropped = ("MONGODB_", "DB_", "SIMULATOR_", "OPENAI_", "OLLAMA_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
     env.update(
+        PYTHONPATH=str(ROOT),  # this checkout, whatever the venv's editable install points at
         SIMULATOR_DATA_DIR=str(data_dir),
         SIMULATOR_LOG_DIR=str(workdir / "logs"),
         SIMULATOR_ENV_FILE=str(workdir / "none.env"),  # never the developer's .env
@@ -533,7 +570,32 @@ def targets(results: list[Result]) -> list[dict[str, Any]]:
         add("overhead <= 3 ms/call", name, value, OVERHEAD_TARGET_MS, False)
     r = by_name.get("c-c32-openai")
     add("peak RSS <= 300 MB", "c-c32-openai", r.peak_rss_mb if r else None, RSS_TARGET_MB, False)
+    r = by_name.get("d-c32-openai")
+    add(
+        "efficiency >= 0.8",
+        "d-c32-openai",
+        r.efficiency if r else None,
+        SHORT_EFFICIENCY_TARGET,
+        True,
+    )
     return rows
+
+
+def print_comparison(results: list[Result]) -> None:
+    """With --tree: each run of another checkout against the same run of this one."""
+    by_name = {r.spec.name: r for r in results}
+    pairs = [(by_name[r.spec.name.split("@")[0]], r) for r in results if r.spec.tree]
+    pairs = [(mine, other) for mine, other in pairs if mine.ok and other.ok]
+    if not pairs:
+        return
+    print("\nThis checkout against the other (same machine, runs alternated)")
+    for mine, other in pairs:
+        print(
+            f"  {mine.spec.name:14} vs {other.spec.tree}: wall {other.wall:.1f} -> {mine.wall:.1f} s "
+            f"(x{other.wall / mine.wall:.2f} faster), efficiency {fmt(other.efficiency)} -> "
+            f"{fmt(mine.efficiency)}, peak in flight {other.peak_in_flight} -> "
+            f"{mine.peak_in_flight}, runner CPU {other.runner_cpu:.1f} -> {mine.runner_cpu:.1f} s"
+        )
 
 
 def print_targets(rows: list[dict[str, Any]]) -> None:
@@ -566,6 +628,16 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated groups or run names")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON results ({RESULTS})")
     parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
+    parser.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        help="also run every run with the code of this other checkout (e.g. /work/main), "
+        "alternating with this one, and print the ratios",
+    )
+    parser.add_argument(
+        "--load", type=int, default=0, help="busy loops to run meanwhile (one CPU each)"
+    )
     args = parser.parse_args()
 
     runs = plan(args.quick)
@@ -574,6 +646,10 @@ def main() -> int:
         runs = [r for r in runs if r.group in wanted or r.name in wanted]
     if not runs:
         parser.error(f"--only {args.only!r} selects no run")
+    for tree in args.tree:
+        if not (Path(tree) / "simulator" / "__init__.py").is_file():
+            parser.error(f"--tree {tree}: no simulator package there")
+    runs = with_trees(runs, [str(Path(t).resolve()) for t in args.tree])
 
     workdir = Path(tempfile.mkdtemp(prefix="simulator-bench-"))
     print(f"work directory {workdir} · {os.cpu_count()} CPUs · load {os.getloadavg()[0]:.2f}")
@@ -581,6 +657,9 @@ def main() -> int:
         print("warning: the machine is busy; other processes compete for the CPUs")
     server = LLMServerProcess()
     bench = Bench(workdir, server)
+    loops = BusyLoops(args.load)
+    if args.load:
+        print(f"{args.load} busy loops compete for the CPUs (--load)")
     results: list[Result] = []
     started = datetime.datetime.now(datetime.timezone.utc)
     try:
@@ -600,12 +679,14 @@ def main() -> int:
                 f"efficiency {fmt(r.efficiency)}" + ("" if r.ok else " FAILED")
             )
     finally:
+        loops.stop()
         bench.stop_database()
         server.stop()
 
     print_results(results)
     rows = targets(results)
     print_targets(rows)
+    print_comparison(results)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
@@ -615,6 +696,7 @@ def main() -> int:
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "quick": args.quick,
+        "load": args.load,
         "runs": [r.as_dict() for r in results],
         "targets": rows,
     }

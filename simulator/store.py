@@ -1096,45 +1096,12 @@ class Store:
     def insert_message(
         self, conv_id: str, m: Message, batch_id: str | None = None, lease: Lease | None = None
     ) -> None:
-        self._insert_once(
-            self.messages,
-            {
-                "conversation_id": conv_id,
-                "batch_id": batch_id,
-                "day": m.day,
-                "turn": m.turn,
-                "speaker": m.speaker,
-                "role": m.role,
-                "content": m.content,
-                "raw": m.raw,
-                "empty": m.empty,
-                "usage": _usage_doc(m.usage),
-                "created_at": now(),
-            },
-            key=("day", "turn"),
-            same=("speaker", "content", "raw"),
-            what=f"message {m.turn} of day {m.day}",
-            lease=lease,
-        )
+        self._insert_once(*self._record(conv_id, m, None, batch_id), lease=lease)
 
     def insert_summary(
         self, conv_id: str, s: Summary, batch_id: str | None = None, lease: Lease | None = None
     ) -> None:
-        self._insert_once(
-            self.summaries,
-            {
-                "conversation_id": conv_id,
-                "batch_id": batch_id,
-                "day": s.day,
-                "content": s.content,
-                "usage": _usage_doc(s.usage),
-                "created_at": now(),
-            },
-            key=("day",),
-            same=("content",),
-            what=f"summary of day {s.day}",
-            lease=lease,
-        )
+        self._insert_once(*self._record(conv_id, s, None, batch_id), lease=lease)
 
     def insert_selector_call(
         self,
@@ -1144,33 +1111,106 @@ class Store:
         batch_id: str | None = None,
         lease: Lease | None = None,
     ) -> None:
-        self._insert_once(
-            self.selector_calls,
-            {
-                "conversation_id": conv_id,
-                "batch_id": batch_id,
-                "day": c.day,
-                "turn": c.turn,
-                "attempt": attempt,
-                "answer": c.answer,
-                "chosen": c.chosen,
-                "usage": _usage_doc(c.usage),
-                "created_at": now(),
-            },
-            key=("day", "turn", "attempt"),
-            same=("answer", "chosen"),
-            what=f"speaker selection {attempt + 1} for message {c.turn} of day {c.day}",
-            lease=lease,
+        self._insert_once(*self._record(conv_id, c, attempt, batch_id), lease=lease)
+
+    def insert_records(
+        self,
+        records: list[tuple[str, Message | Summary | SelectorCall, int | None, str | None]],
+        lease: Lease | None = None,
+    ) -> list[BaseException | None]:
+        """Store records of many conversations, each exactly once, in one round trip per
+        collection: (conversation id, message / summary / selector call, the selector
+        call's attempt or None, batch id). Returns, per record, None when it is stored or
+        the error `insert_message` & co. would have raised for it alone.
+
+        What a batch of short conversations spends its time on is the database's cost per
+        write: one `insert_many` of 32 records costs SecantusDB a quarter of the CPU of 32
+        `insert_one`s. A record whose bulk insert failed otherwise than by a duplicate key
+        (too large, a server error) is retried alone, so its error is the same as ever.
+        """
+        if lease is not None:
+            lease.check()
+        outcome: list[BaseException | None] = [None] * len(records)
+        built = [self._record(c, event, attempt, b) for c, event, attempt, b in records]
+        by_collection: dict[str, list[int]] = {}
+        for i, (collection, *_rest) in enumerate(built):
+            by_collection.setdefault(collection.name, []).append(i)
+        for positions in by_collection.values():
+            collection = built[positions[0]][0]
+            docs = [built[i][1] for i in positions]
+            retry: list[int] = []
+            try:
+                collection.insert_many(docs, ordered=False)
+            except BulkWriteError as e:
+                for err in e.details.get("writeErrors", []):
+                    i = positions[err["index"]]
+                    if err.get("code") == 11000:
+                        outcome[i] = self._duplicate(*built[i])
+                    else:
+                        retry.append(i)
+            except (DocumentTooLarge, OperationFailure):
+                retry = positions  # nothing or part stored: each alone, duplicates accepted
+            for i in retry:
+                try:
+                    self._insert_once(*built[i], lease=None)
+                except (LeaseLost, RecordTooLarge, OperationFailure) as e:
+                    outcome[i] = e
+        return outcome
+
+    def _record(
+        self,
+        conv_id: str,
+        event: Message | Summary | SelectorCall,
+        attempt: int | None,
+        batch_id: str | None,
+    ) -> tuple[pymongo.collection.Collection, dict, tuple[str, ...], tuple[str, ...], str]:
+        """The collection, document, unique key, identity fields and name of one record."""
+        doc: dict[str, Any] = {"conversation_id": conv_id, "batch_id": batch_id}
+        if isinstance(event, Message):
+            m = event
+            doc.update(
+                day=m.day,
+                turn=m.turn,
+                speaker=m.speaker,
+                role=m.role,
+                content=m.content,
+                raw=m.raw,
+                empty=m.empty,
+                usage=_usage_doc(m.usage),
+                created_at=now(),
+            )
+            what = f"message {m.turn} of day {m.day}"
+            return self.messages, doc, ("day", "turn"), ("speaker", "content", "raw"), what
+        if isinstance(event, Summary):
+            doc.update(
+                day=event.day,
+                content=event.content,
+                usage=_usage_doc(event.usage),
+                created_at=now(),
+            )
+            return self.summaries, doc, ("day",), ("content",), f"summary of day {event.day}"
+        c = event
+        assert attempt is not None
+        doc.update(
+            day=c.day,
+            turn=c.turn,
+            attempt=attempt,
+            answer=c.answer,
+            chosen=c.chosen,
+            usage=_usage_doc(c.usage),
+            created_at=now(),
         )
+        what = f"speaker selection {attempt + 1} for message {c.turn} of day {c.day}"
+        return self.selector_calls, doc, ("day", "turn", "attempt"), ("answer", "chosen"), what
 
     def _insert_once(
         self,
         collection: pymongo.collection.Collection,
         doc: dict,
-        *,
         key: tuple[str, ...],
         same: tuple[str, ...],
         what: str,
+        *,
         lease: Lease | None,
     ) -> None:
         """Store one record of a conversation, exactly once.
@@ -1186,20 +1226,35 @@ class Store:
         try:
             collection.insert_one(doc)
         except DuplicateKeyError:
-            stored = collection.find_one({"conversation_id": conv_id, **{k: doc[k] for k in key}})
-            if stored is not None and all(stored.get(f) == doc.get(f) for f in same):
-                return
-            raise LeaseLost(
-                f"Conversation {conv_id} already has a different {what} stored (another run "
-                f"wrote it), so this run stopped writing to it. Nothing stored was changed; "
-                f"see it with `simulator show {conv_id}`."
-            ) from None
+            error = self._duplicate(collection, doc, key, same, what)
+            if error is not None:
+                raise error from None
         except DocumentTooLarge:
             raise _too_large(conv_id, what, doc) from None
         except OperationFailure as e:
             if e.code in _TOO_LARGE_CODES or "too large" in str(e).lower():
                 raise _too_large(conv_id, what, doc) from None
             raise
+
+    def _duplicate(
+        self,
+        collection: pymongo.collection.Collection,
+        doc: dict,
+        key: tuple[str, ...],
+        same: tuple[str, ...],
+        what: str,
+    ) -> LeaseLost | None:
+        """A record with this key is stored already: None when it is this very record (a
+        retried write whose first attempt did land), else the error to stop with."""
+        conv_id = doc["conversation_id"]
+        stored = collection.find_one({"conversation_id": conv_id, **{k: doc[k] for k in key}})
+        if stored is not None and all(stored.get(f) == doc.get(f) for f in same):
+            return None
+        return LeaseLost(
+            f"Conversation {conv_id} already has a different {what} stored (another run "
+            f"wrote it), so this run stopped writing to it. Nothing stored was changed; "
+            f"see it with `simulator show {conv_id}`."
+        )
 
     def load_transcript(self, conv_id: str, *, discard_partial: bool = False) -> Transcript:
         """Everything stored for a conversation, in order.
