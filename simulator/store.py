@@ -1387,7 +1387,8 @@ class AnnotationSheet:
     version: str
     annotator: str
     definition: dict[str, Any]  # the scorer as exported, to check answers on import
-    items: dict[str, tuple[str, str, int]]  # item id -> (conversation, message, turns)
+    # item id -> (conversation, message, turns of the conversation, batch, message role)
+    items: dict[str, tuple[str, str, int, str | None, str]]
     creator: str = ""
     created_at: datetime | None = None
 
@@ -1415,7 +1416,7 @@ def _sheet(doc: dict) -> AnnotationSheet:
         version=doc["version"],
         annotator=doc["annotator"],
         definition=doc.get("definition") or {},
-        items={k: (v[0], v[1], int(v[2])) for k, v in doc["items"].items()},
+        items={k: (v[0], v[1], int(v[2]), v[3], v[4]) for k, v in doc["items"].items()},
         creator=doc.get("creator", ""),
         created_at=doc.get("created_at"),
     )
