@@ -209,7 +209,7 @@ def annotate_import_command(
     file: Path = typer.Argument(..., metavar="FILE", help="A filled-in sheet (.xlsx or .csv)."),
     annotator: str = typer.Option(..., "--annotator", metavar="NAME", help="Who annotated."),
 ) -> None:
-    """Import an annotator's answers as `human:<name>` scores (all rows valid, or nothing)."""
+    """Import an annotator's answers as human:NAME scores (all rows valid, or nothing)."""
     friendly(_annotate_import)(file, annotator)
 
 

@@ -427,13 +427,17 @@ def _llm(value: Any, path: str, source: str) -> ModelSpec:
 
 
 def _scorers(value: Any, source: str) -> dict[str, Any]:
-    """The `scorers:` mapping, checked by the scoring package (kept as written)."""
-    if value is None:
-        return {}
-    from simulator.scoring.definition import parse_scorers  # scoring imports this module
-
-    parse_scorers(value, source)
-    return dict(value)
+    """The `scorers:` mapping, kept as written: name -> a mapping with a `kind`. Its full
+    check is simulator.scoring.definition's, when scores are made (issue 11)."""
+    scorers = _mapping(value if value is not None else {}, "scorers", source)
+    for name, definition in scorers.items():
+        if not isinstance(definition, dict) or "kind" not in definition:
+            _fail(
+                source,
+                f"scorers.{name}",
+                "expected a mapping with `kind:` (judge, moderation or python)",
+            )
+    return dict(scorers)
 
 
 def _optional_llm(value: Any, path: str, source: str) -> ModelSpec | None:

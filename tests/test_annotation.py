@@ -10,10 +10,11 @@ from openpyxl import load_workbook
 from typer.testing import CliRunner
 
 from simulator.cli import app
+from simulator.errors import SheetRejected
 from simulator.experiment import load_experiment
 from simulator.grid import make_grid
 from simulator.runner import RunOptions, start_batch
-from simulator.scoring.annotation import SheetRejected, export_sheet, import_sheet
+from simulator.scoring.annotation import export_sheet, import_sheet
 from simulator.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -269,8 +269,11 @@ def test_scorer_definitions_are_checked(server):
     with pytest.raises(ValidationError, match="did you mean `rubric`"):
         parse_scorers({"e": bad["e"]}, "x.yaml")
     text = exp_yaml(server, "  g: {kind: judge, rubric: '?', answer: turn, report: halves}\n")
+    exp = experiment_from_yaml(text, "x.yaml")
     with pytest.raises(ValidationError, match="scorers.g.report"):
-        experiment_from_yaml(text, "x.yaml")
+        scorers_for(exp)
+    with pytest.raises(ValidationError, match="scorers.h: expected a mapping with `kind:`"):
+        experiment_from_yaml(exp_yaml(server, "  h: 3\n"), "x.yaml")
 
 
 def test_prison_scorers_file_loads_and_scores_stay_with_the_experiment(db):

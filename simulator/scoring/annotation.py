@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simulator.errors import UserError
+from simulator.errors import SheetRejected, UserError
 from simulator.scoring import judge
 from simulator.scoring.definition import Scorer, choose, load_scorers_file, parse_scorer
 from simulator.scoring.run import scorers_for, select_conversations
@@ -27,10 +27,6 @@ ABOUT_NAME = "about"
 ITEM_ID = "item_id"
 TRANSCRIPT = "transcript"
 ANNOTATOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
-
-
-class SheetRejected(UserError):
-    """An annotation sheet with invalid rows: nothing of it was imported."""
 
 
 @dataclass
@@ -60,7 +56,7 @@ def _check_annotator(name: str) -> str:
     if not ANNOTATOR_RE.match(name):
         raise UserError(
             f"--annotator {name!r}: use a short name of letters, digits, '.', '_' or '-' "
-            "(e.g. anna or rater2); it becomes the score source human:<name>"
+            "(e.g. anna or rater2); it becomes the score source human:NAME"
         )
     return name
 
