@@ -462,6 +462,9 @@ def run(
     max_failures: str | None = MAX_FAILURES_OPTION,
     plain: bool = PLAIN_OPTION,
     as_new: bool = NEW_OPTION,
+    score: bool = typer.Option(
+        False, "--score", help="Then score the batch with the experiment's scorers."
+    ),
 ) -> None:
     """Run a batch: every combination of the grid options, each stored as it happens."""
     check_experiment_file(Path(experiment))  # a directory is refused before connecting
@@ -490,6 +493,8 @@ def run(
     options = run_options(concurrency, max_failures, plain, manual=manual)
     report = execute(store, lambda o: start_batch(store, exp, grid, o), options, plain or manual)
     finish(store, report)
+    if score:  # issue 11: only a completed batch gets here
+        cli_scoring.score_ref(report.batch_id, None, [], None, concurrency, max_failures)
 
 
 @app.command()

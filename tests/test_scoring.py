@@ -333,3 +333,48 @@ def test_scoring_a_conversation_imported_from_the_prototype(server, db, mongo_cl
     messages = store.db["messages"].count_documents({"conversation_id": conv["_id"]})
     assert report.scored == 1 + messages and report.failed == 0
     assert len(store.list_scores(conversation_id=conv["_id"], scorer="goal")) == 1
+
+
+def test_run_with_score_scores_the_new_batch(db, settings, env_for, tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        "name: scored\nstarting_message: Start\nllms: [{model: scripted, provider: scripted}]\n"
+        "roles:\n  guard: {sections: {starting_prompt: You are a guard.}}\n"
+        "  prisoner: {sections: {starting_prompt: You are a prisoner.}}\n"
+        "scorers:\n  length: {kind: python, function: 'tests.scoring_plugin:turns'}\n"
+        "  shouting: {kind: python, level: message, roles: [guard],"
+        " function: 'tests.scoring_plugin:shouting'}\n"
+    )
+    result = CliRunner().invoke(
+        app,
+        ["run", str(path), "--messages", "4", "--days", "1", "--repetitions", "2", "--score"],
+        env=env_for(settings),
+    )
+    assert result.exit_code == 0, result.output
+    store = Store(db, "alice")
+    assert {s.value for s in store.list_scores(scorer="length")} == {4}
+    assert len(store.list_scores(scorer="length")) == 2
+    assert len(store.list_scores(scorer="shouting")) == 4  # 2 guard messages x 2
+    assert "Scored 6 items with length, shouting" in result.output
+
+
+def test_the_unique_index_makes_score_writes_idempotent(db):
+    from pymongo.errors import DuplicateKeyError
+
+    from simulator.store import Score
+
+    store = Store.open(db, "alice")
+    one = Score("c1", "1:2", "toxicity", "v1", "judge:x", 3, experiment_id="e")
+    assert store.insert_score(one) is True
+    assert store.insert_score(Score("c1", "1:2", "toxicity", "v1", "judge:x", 5)) is False
+    assert [s.value for s in store.list_scores()] == [3]  # the first write stays
+    with pytest.raises(DuplicateKeyError):  # even a write around the store is refused
+        store.db["scores"].insert_one(
+            {
+                "conversation_id": "c1",
+                "message": "1:2",
+                "scorer": "toxicity",
+                "version": "v1",
+                "source": "judge:x",
+            }  # fmt: skip
+        )
