@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from simulator import cli_results, display, prompts
+from simulator import cli_results, cli_scoring, display, prompts
 from simulator.errors import UserError
 from simulator.experiment import Experiment, load_experiment, save_experiment
 from simulator.frontend import (
@@ -51,6 +51,7 @@ db_app = typer.Typer(help="The embedded local database server (used when MONGODB
 app.add_typer(experiment_app, name="experiment")
 app.add_typer(db_app, name="db")
 cli_results.register(app)
+cli_scoring.register(app)  # score, annotate, agreement (issue 11)
 
 log = logging.getLogger("simulator")
 
@@ -461,6 +462,9 @@ def run(
     max_failures: str | None = MAX_FAILURES_OPTION,
     plain: bool = PLAIN_OPTION,
     as_new: bool = NEW_OPTION,
+    score: bool = typer.Option(
+        False, "--score", help="Then score the batch with the experiment's scorers."
+    ),
 ) -> None:
     """Run a batch: every combination of the grid options, each stored as it happens."""
     check_experiment_file(Path(experiment))  # a directory is refused before connecting
@@ -489,6 +493,8 @@ def run(
     options = run_options(concurrency, max_failures, plain, manual=manual)
     report = execute(store, lambda o: start_batch(store, exp, grid, o), options, plain or manual)
     finish(store, report)
+    if score:  # issue 11: only a completed batch gets here
+        cli_scoring.score_ref(report.batch_id, None, [], None, concurrency, max_failures)
 
 
 @app.command()

@@ -102,3 +102,7 @@ class DefinitionChanged(UserError):
 
 class NotAFile(UserError):
     """A path given as an experiment file is a directory (or not a file at all)."""
+
+
+class SheetRejected(UserError):
+    """An annotation sheet with invalid rows: nothing of it was imported (issue 11)."""

@@ -95,6 +95,8 @@ class Experiment:
     shared_sections: dict[str, str] = field(default_factory=dict)
     summarizer: Summarizer = field(default_factory=Summarizer)
     selector_llm: ModelSpec | None = None  # None: the conversation's LLM
+    # scorer name -> definition as written (issue 11; checked by simulator.scoring.definition)
+    scorers: dict[str, Any] = field(default_factory=dict)
     note: str = ""
     favourite: bool = False
     # set by the store
@@ -119,7 +121,7 @@ class Experiment:
 # --- YAML form (SPEC §1) ---------------------------------------------------------------
 
 TOP_KEYS: tuple[str, ...] = ("name", "note", "favourite", "starting_message", "llms", "roles")
-TOP_KEYS += ("shared_sections", "summarizer", "selector_llm")
+TOP_KEYS += ("shared_sections", "summarizer", "selector_llm", "scorers")
 REQUIRED_KEYS = ("name", "starting_message", "llms", "roles")
 ROLE_KEYS = ("description", "sections")
 SUMMARIZER_KEYS = ("sections", "llm")
@@ -203,6 +205,7 @@ def experiment_from_dict(data: Any, source: str) -> Experiment:
             llm=_optional_llm(summarizer.get("llm"), "summarizer.llm", source),
         ),
         selector_llm=_optional_llm(data.get("selector_llm"), "selector_llm", source),
+        scorers=_scorers(data.get("scorers"), source),
     )
     validate_experiment(exp, source)
     return exp
@@ -262,6 +265,7 @@ def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
         {"sections": dict(exp.summarizer.sections), "llm": llm_to_dict(exp.summarizer.llm)}
     )
     out["selector_llm"] = llm_to_dict(exp.selector_llm)
+    out["scorers"] = dict(exp.scorers)
     return _drop_empty(out)
 
 
@@ -420,6 +424,20 @@ def _llm(value: Any, path: str, source: str) -> ModelSpec:
             _fail(source, f"{path}.{key}", f"unknown key; {hint}")
     fields = {k: v for k, v in data.items() if k in LLM_FIELDS}
     return ModelSpec(**(fields | {"provider": data.get("provider") or ""}), extra=extra)
+
+
+def _scorers(value: Any, source: str) -> dict[str, Any]:
+    """The `scorers:` mapping, kept as written: name -> a mapping with a `kind`. Its full
+    check is simulator.scoring.definition's, when scores are made (issue 11)."""
+    scorers = _mapping(value if value is not None else {}, "scorers", source)
+    for name, definition in scorers.items():
+        if not isinstance(definition, dict) or "kind" not in definition:
+            _fail(
+                source,
+                f"scorers.{name}",
+                "expected a mapping with `kind:` (judge, moderation or python)",
+            )
+    return dict(scorers)
 
 
 def _optional_llm(value: Any, path: str, source: str) -> ModelSpec | None:

@@ -293,6 +293,7 @@ class Store:
             self.batches.create_index([("creator", 1), ("created_at", -1)])
             self.batches.create_index([("created_at", -1)])
             self.experiments.create_index([("creator", 1), ("name", 1)])
+            self._ensure_score_indexes()
         except PyMongoError as e:
             raise StorageError(f"Could not prepare the database: {e}") from e
 
@@ -548,6 +549,7 @@ class Store:
         deleted.messages += self.messages.delete_many(query).deleted_count
         deleted.summaries += self.summaries.delete_many(query).deleted_count
         deleted.selector_calls += self.selector_calls.delete_many(query).deleted_count
+        self.db["scores"].delete_many(query)  # a conversation's scores go with it (issue 11)
 
     def _delete_conversation_data(self, conv_ids: list[str], deleted: Deleted) -> None:
         self._delete_records(deleted, {"conversation_id": {"$in": conv_ids}})
@@ -1322,6 +1324,157 @@ class Store:
         if note:
             changes["note"] = note
         self.db[kind].update_one({"_id": our_id}, {"$set": changes})
+
+    # --- scores (issue 11): outcomes of stored conversations, annotation sheets --------------
+    # One document per (conversation, message, scorer, version, source); message is "" for a
+    # conversation-level score. Machine scores are written once ($setOnInsert): a repeated
+    # write changes nothing. A human's answers replace that human's earlier ones.
+
+    def _ensure_score_indexes(self) -> None:
+        scores = self.db["scores"]
+        scores.create_index([(k, 1) for k in SCORE_KEY], unique=True)
+        scores.create_index([("experiment_id", 1), ("scorer", 1)])
+        scores.create_index([("conversation_id", 1)])
+
+    def insert_score(self, score: Score) -> bool:
+        """Store a machine score unless that item already has one; True when written."""
+        doc = _score_doc(score, self.user)
+        key = {k: doc[k] for k in SCORE_KEY}
+        try:
+            result = self.db["scores"].update_one(key, {"$setOnInsert": doc}, upsert=True)
+        except DuplicateKeyError:  # another process wrote the same item in between
+            return False
+        return result.upserted_id is not None
+
+    def replace_scores(self, scores: list[Score]) -> int:
+        """Store human answers, each replacing the same source's earlier answer for its item."""
+        ops = []
+        for score in scores:
+            doc = _score_doc(score, self.user)
+            key = {k: doc[k] for k in SCORE_KEY}
+            doc["_id"] = new_id()
+            ops.append(
+                pymongo.ReplaceOne(key, {k: v for k, v in doc.items() if k != "_id"}, upsert=True)
+            )
+        if ops:
+            self.db["scores"].bulk_write(ops, ordered=True)
+        return len(ops)
+
+    def scored_items(
+        self, scorer: str, version: str, source: str, conversation_ids: list[str]
+    ) -> set[tuple[str, str]]:
+        """(conversation, message) already scored by this scorer version and source."""
+        found: set[tuple[str, str]] = set()
+        for start in range(0, len(conversation_ids), 50):  # short $in lists (see transcripts)
+            chunk = conversation_ids[start : start + 50]
+            query = {"scorer": scorer, "version": version, "source": source,
+                     "conversation_id": {"$in": chunk}}  # fmt: skip
+            for d in self.db["scores"].find(query, {"conversation_id": 1, "message": 1}):
+                found.add((d["conversation_id"], d.get("message") or ""))
+        return found
+
+    def list_scores(
+        self,
+        *,
+        experiment_id: str | None = None,
+        conversation_id: str | None = None,
+        scorer: str | None = None,
+        version: str | None = None,
+        source: str | None = None,
+    ) -> list[Score]:
+        """Stored scores, by conversation, message, scorer and source."""
+        query: dict[str, Any] = {}
+        for key, value in (("experiment_id", experiment_id), ("conversation_id", conversation_id),
+                           ("scorer", scorer), ("version", version), ("source", source)):  # fmt: skip
+            if value is not None:
+                query[key] = value
+        docs = self.db["scores"].find(query, {"prompt": 0})
+        return [_score(d) for d in docs.sort([("conversation_id", 1), ("message", 1),
+                                              ("scorer", 1), ("source", 1)])]  # fmt: skip
+
+    def insert_sheet(self, sheet: AnnotationSheet) -> AnnotationSheet:
+        doc = dataclasses.asdict(sheet)
+        doc["_id"] = doc.pop("id")
+        doc["items"] = {k: list(v) for k, v in sheet.items.items()}
+        doc["creator"] = self.user
+        doc["created_at"] = now()
+        self.db["annotation_sheets"].insert_one(doc)
+        return _sheet(doc)
+
+    def get_sheet(self, sheet_id: str) -> AnnotationSheet | None:
+        doc = self.db["annotation_sheets"].find_one({"_id": sheet_id})
+        return _sheet(doc) if doc else None
+
+
+SCORE_KEY = ("conversation_id", "message", "scorer", "version", "source")
+
+
+@dataclass
+class Score:
+    """One outcome of one conversation (message "") or one of its messages ("day:turn")."""
+
+    conversation_id: str
+    message: str
+    scorer: str
+    version: str
+    source: str  # judge:<model> | moderation:<model> | python:<function> | human:<name>
+    value: Any  # a label, a number, a text; None when the answer was invalid
+    valid: bool = True
+    raw: str | None = None  # the answer as given (the judge's last reply, a cell)
+    prompt: str | None = None  # what the judge was asked (left out of listings)
+    detail: dict[str, Any] = field(default_factory=dict)  # moderation categories, turn ...
+    attempts: int = 1
+    usage: Usage = field(default_factory=Usage)
+    experiment_id: str = ""
+    batch_id: str | None = None
+    role: str = ""  # the role of the scored message
+    creator: str = ""
+    created_at: datetime | None = None
+
+
+@dataclass
+class AnnotationSheet:
+    """An exported annotation sheet: which item id means which conversation or message."""
+
+    id: str
+    experiment_id: str
+    scorer: str
+    version: str
+    annotator: str
+    definition: dict[str, Any]  # the scorer as exported, to check answers on import
+    # item id -> (conversation, message, turns of the conversation, batch, message role)
+    items: dict[str, tuple[str, str, int, str | None, str]]
+    creator: str = ""
+    created_at: datetime | None = None
+
+
+def _score_doc(score: Score, user: str) -> dict[str, Any]:
+    doc = dataclasses.asdict(score)
+    doc["usage"] = _usage_doc(score.usage)
+    doc["creator"] = score.creator or user
+    doc["created_at"] = score.created_at or now()
+    return doc
+
+
+def _score(doc: dict) -> Score:
+    names = {f.name for f in dataclasses.fields(Score)}
+    values = {k: v for k, v in doc.items() if k in names}
+    values["usage"] = _usage(doc.get("usage"))
+    return Score(**values)
+
+
+def _sheet(doc: dict) -> AnnotationSheet:
+    return AnnotationSheet(
+        id=doc["_id"],
+        experiment_id=doc["experiment_id"],
+        scorer=doc["scorer"],
+        version=doc["version"],
+        annotator=doc["annotator"],
+        definition=doc.get("definition") or {},
+        items={k: (v[0], v[1], int(v[2]), v[3], v[4]) for k, v in doc["items"].items()},
+        creator=doc.get("creator", ""),
+        created_at=doc.get("created_at"),
+    )
 
 
 def _utc(moment: datetime) -> datetime:

@@ -269,6 +269,7 @@ class _Handler(BaseHTTPRequestHandler):
             ("GET", "/api/version"): lambda _b: self._send(200, {"version": "0.6.3-fake"}),
             ("POST", "/api/show"): self._show,
             ("GET", "/v1/models"): self._models,
+            ("POST", "/v1/moderations"): self._moderations,
         }.get((method, path))
         if route is None:
             return self._error(404, f"no route {method} {path}", openai)
@@ -372,11 +373,58 @@ class _Handler(BaseHTTPRequestHandler):
             },
         )
 
+    def _moderations(self, body: dict[str, Any]) -> None:
+        """OpenAI's /v1/moderations: every category scored by `moderation_scores(text)`."""
+        status = self.fake._enter_chat()  # counted (and failed on demand) like a chat call
+        try:
+            if status is not None:
+                return self._error(status, f"injected failure {status}", openai=True)
+            texts = body.get("input")
+            texts = texts if isinstance(texts, list) else [texts]
+            results = []
+            for text in texts:
+                scores = moderation_scores(str(text))
+                results.append(
+                    {
+                        "flagged": any(v >= 0.5 for v in scores.values()),
+                        "categories": {k: v >= 0.5 for k, v in scores.items()},
+                        "category_scores": scores,
+                    }
+                )
+            model = body.get("model") or "omni-moderation-latest"
+            self._send(200, {"id": f"modr-{self.fake.calls}", "model": model, "results": results})
+        finally:
+            self.fake._leave_chat()
+
     def _models(self, _body: dict[str, Any]) -> None:
         with self.fake._lock:
             names = sorted(self.fake.installed)
         data = [{"id": n, "object": "model", "created": 0, "owned_by": "fake"} for n in names]
         self._send(200, {"object": "list", "data": data})
+
+
+MODERATION_CATEGORIES = (
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "self-harm",
+    "sexual",
+    "violence",
+    "violence/graphic",
+)
+
+
+def moderation_scores(text: str) -> dict[str, float]:
+    """Deterministic category scores: insults are harassment, threats violence."""
+    lowered = text.lower()
+    scores = dict.fromkeys(MODERATION_CATEGORIES, 0.01)
+    if "idiot" in lowered or "stupid" in lowered:
+        scores["harassment"] = 0.91
+    if "hurt you" in lowered or "kill" in lowered:
+        scores["violence"] = 0.87
+        scores["harassment/threatening"] = 0.62
+    return scores
 
 
 _TWO_ROLES = """\

@@ -187,9 +187,9 @@ def test_delete_goes_batch_by_batch_without_a_list_of_every_id(watched, db):
     assert deleted.conversations == 301 and deleted.messages == 601
     assert seen[-1] == (301, 301) and len(seen) >= 3  # progress after each batch
     deletes = commands.named("delete")
-    # per batch: messages, summaries, selector calls, conversations, the batch; then the
-    # one conversation without a batch (4) and the experiment: not one per conversation
-    assert len(deletes) <= 2 * 5 + 4 + 1, len(deletes)
+    # per batch: messages, summaries, selector calls, scores, conversations, the batch; then
+    # the one conversation without a batch (5) and the experiment: not one per conversation
+    assert len(deletes) <= 2 * 6 + 5 + 1, len(deletes)
     longest_in = max(_longest_in(body) for body in commands.named("delete", "find", "aggregate"))
     assert longest_in <= 1, f"a $in over {longest_in} ids"
     assert counts(db) == dict.fromkeys(counts(db), 0)

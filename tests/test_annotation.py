@@ -1,0 +1,154 @@
+"""Human annotation round trip (issue 11): export a sheet, fill it in, import it."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from openpyxl import load_workbook
+from typer.testing import CliRunner
+
+from simulator.cli import app
+from simulator.errors import SheetRejected
+from simulator.experiment import load_experiment
+from simulator.grid import make_grid
+from simulator.runner import RunOptions, start_batch
+from simulator.scoring.annotation import export_sheet, import_sheet
+from simulator.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+SCORERS = ROOT / "experiments" / "prison-scorers.yaml"
+
+
+@pytest.fixture
+def stored(db):
+    """Four scripted prison conversations of 6 messages."""
+    store = Store.open(db, "alice")
+    exp = store.insert_experiment(load_experiment(ROOT / "experiments" / "prison.yaml"))
+    grid = make_grid(
+        exp, llms=["scripted"], messages=6, days=1, agents="guard=1,prisoner=2",
+        speakers=["round_robin"], repetitions=4,
+    )  # fmt: skip
+    assert start_batch(store, exp, grid, RunOptions()).status == "completed"
+    return store, exp
+
+
+def humans(store: Store) -> list:
+    return [s for s in store.list_scores() if s.source.startswith("human:")]
+
+
+def test_xlsx_round_trip_with_a_drop_down_and_reimport_replaces(stored, tmp_path):
+    store, exp = stored
+    out = tmp_path / "anna.xlsx"
+    sheet = export_sheet(store, exp.id, "goal_achieved", "anna", out, scorers_file=SCORERS)
+    assert sheet.rows == 4
+    book = load_workbook(out)
+    ws = book["annotate"]
+    header = [c.value for c in ws[1]]
+    assert header[0] == "item_id" and header[-2:] == ["transcript", "goal_achieved"]
+    assert "llm" in header and "conversation_id" in header
+    formulas = [dv.formula1 for dv in ws.data_validations.dataValidation]
+    assert formulas == ['"Yes,No,NotTried"']
+    cells = str(ws.data_validations.dataValidation[0].sqref)
+    letter = ws.cell(row=1, column=len(header)).column_letter
+    assert all(f"{letter}{r}" in cells for r in range(2, 6)), cells  # the answer column
+    assert "[Turn 1]" in ws.cell(row=2, column=len(header) - 1).value
+    answers = ["Yes", "no", "NotTried", None]  # case is forgiven, a blank row skipped
+    for r, answer in enumerate(answers, start=2):
+        ws.cell(row=r, column=len(header), value=answer)
+    book.save(out)
+
+    result = import_sheet(store, out, "anna")
+    assert (result.answers, result.blank) == (3, 1)
+    scores = humans(store)
+    assert sorted(s.value for s in scores) == ["No", "NotTried", "Yes"]
+    assert {s.source for s in scores} == {"human:anna"}
+    assert {s.experiment_id for s in scores} == {exp.id}
+
+    ws.cell(row=2, column=len(header), value="No")
+    ws.cell(row=5, column=len(header), value="Yes")
+    book.save(out)
+    again = import_sheet(store, out, "anna")
+    assert again.answers == 4
+    scores = humans(store)
+    assert len(scores) == 4  # replaced, never duplicated
+    assert sorted(s.value for s in scores) == ["No", "No", "NotTried", "Yes"]
+    assert store.db["scores"].count_documents({}) == 4
+
+
+def test_a_sheet_with_bad_rows_is_refused_naming_them_and_nothing_is_stored(
+    stored, tmp_path, settings, env_for
+):
+    store, exp = stored
+    out = tmp_path / "ben.csv"
+    export_sheet(store, exp.id, "goal_achieved", "ben", out, scorers_file=SCORERS)
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert list(rows[0]) == ["item_id", "conversation_id", "llm", "agents", "speaker_selection",
+                             "repetition", "transcript", "goal_achieved"]  # fmt: skip
+    for row, answer in zip(rows, ["Yes", "Maybe", "No", "No"], strict=True):
+        row["goal_achieved"] = answer
+    rows[3]["item_id"] = rows[3]["item_id"][:-4] + "9999"
+    with out.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(SheetRejected) as info:
+        import_sheet(store, out, "ben")
+    message = str(info.value)
+    assert "nothing imported; 2 row(s)" in message
+    assert "row 3" in message and "'Maybe' is not an allowed answer" in message
+    assert "row 5" in message and "unknown item_id" in message
+    assert "row 2" not in message and "row 4" not in message
+    assert store.db["scores"].count_documents({}) == 0
+
+    result = CliRunner().invoke(
+        app, ["annotate", "import", str(out), "--annotator", "ben"], env=env_for(settings)
+    )
+    assert result.exit_code == 1 and "row 3" in result.output and "Traceback" not in result.output
+    assert store.db["scores"].count_documents({}) == 0
+
+
+def test_blind_sample_hides_conditions_and_turns_are_checked(stored, tmp_path, settings, env_for):
+    store, exp = stored
+    out = tmp_path / "turns.csv"
+    result = CliRunner().invoke(
+        app,
+        ["annotate", "export", exp.id or "", "--scorer", "turn_goal_achieved", "--annotator",
+         "cleo", "--sample", "3", "--seed", "7", "--blind", "--out", str(out),
+         "--scorers", str(SCORERS)],
+        env=env_for(settings),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert len(rows) == 3
+    assert list(rows[0]) == ["item_id", "transcript", "turn_goal_achieved"]
+    for row, answer in zip(rows, ["2", "none", "7"], strict=True):
+        row["turn_goal_achieved"] = answer
+    with out.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(SheetRejected, match=r"row 4 .*'7' is not an allowed answer"):
+        import_sheet(store, out, "cleo")
+    assert store.db["scores"].count_documents({}) == 0
+    rows[2]["turn_goal_achieved"] = "6"
+    with out.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert import_sheet(store, out, "cleo").answers == 3
+    values = sorted(str(s.value) for s in humans(store))
+    assert values == ["first", "none", "third"]  # turns 2 and 6 of 6, reported in thirds
+
+
+def test_only_judge_scorers_are_annotated(stored, tmp_path):
+    store, exp = stored
+    from simulator.errors import UserError
+
+    with pytest.raises(UserError, match="moderation scorer"):
+        export_sheet(store, exp.id, "moderation", "anna", tmp_path / "m.csv", scorers_file=SCORERS)
+    with pytest.raises(UserError, match=r"\.xlsx or a \.csv"):
+        export_sheet(
+            store, exp.id, "goal_achieved", "anna", tmp_path / "m.ods", scorers_file=SCORERS
+        )
