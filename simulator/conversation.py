@@ -304,6 +304,7 @@ class Conversation:
                 break
         flags = quality.message_flags(
             content,
+            speaker=agent.name,
             finish_reason=finish_reason,
             system_prompt=agent.system_prompt,
             other_names=others,

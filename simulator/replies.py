@@ -16,7 +16,12 @@ from collections.abc import Iterable
 # Labels a chat model writes for the two sides of a chat, not for anyone in the conversation.
 GENERIC_LABELS = ("You", "User", "Assistant", "Human", "System")
 # The generic label a model uses for itself: stripped at the start of a reply like its name.
-GENERIC_SELF = ("Assistant",)
+GENERIC_SELF = ("Assistant", "I")
+# Other things a model writes as a speaker label (regexes): any name shaped like an agent's
+# (`Gun_1:`, `Prisoner_2014:` — invented participants), and the researcher's own
+# `Day 1 summary:` lines from the day's opening, which a model copies as if it spoke them.
+NAME_SHAPED = r"[A-Z][A-Za-z0-9]*_\d+"
+DAY_SUMMARY = r"Day\s+\d+\s+summary"
 
 _OPEN = r"[\*_\[\(#>\s]*"  # markdown emphasis, brackets, heading or quote marks before a label
 _CLOSE = r"[\*_\]\)\s]*"
@@ -29,9 +34,13 @@ def _alternatives(names: Iterable[str]) -> str:
     return "(?:" + "|".join(escaped) + ")"
 
 
-def label_pattern(names: Iterable[str]) -> str:
-    """A regex (no anchors, no flags) for a speaker label naming one of `names`."""
-    who = rf"{_ARTICLE}{_alternatives(names)}(?![A-Za-z0-9])"
+def label_pattern(names: Iterable[str], patterns: Iterable[str] = ()) -> str:
+    """A regex (no anchors, no flags) for a speaker label naming one of `names` (or
+    matching one of the regexes `patterns`)."""
+    alternatives = _alternatives(names)
+    if patterns:
+        alternatives = "(?:" + "|".join([alternatives, *patterns]) + ")"
+    who = rf"{_ARTICLE}{alternatives}(?![A-Za-z0-9])"
     colon = rf"{_OPEN}{who}{_ASIDE}{_CLOSE}:"
     tag = rf"[\*_ \t]*[\[\(][ \t]*{who}[ \t]*[\]\)](?:{_CLOSE}:)?"
     return rf"(?:{tag}|{colon})"
@@ -45,8 +54,15 @@ def _patterns(
     speaker: a batch cleans thousands of replies from the same few agents)."""
     own_names = [speaker, role, role.capitalize(), *GENERIC_SELF]
     own = re.compile(rf"^{label_pattern(own_names)}[\*_\s]*", re.IGNORECASE)
-    cut = re.compile(rf"^{label_pattern(others)}", re.IGNORECASE | re.MULTILINE)
+    cut = re.compile(
+        rf"^{label_pattern(others, other_patterns(speaker))}", re.IGNORECASE | re.MULTILINE
+    )
     return own, cut
+
+
+def other_patterns(speaker: str) -> tuple[str, ...]:
+    """Label regexes meaning someone other than `speaker` speaks, beyond the known names."""
+    return (rf"(?!{re.escape(speaker)}(?![A-Za-z0-9])){NAME_SHAPED}", DAY_SUMMARY)
 
 
 def other_labels(other_names: Iterable[str], role_names: Iterable[str]) -> tuple[str, ...]:

@@ -6,7 +6,7 @@ import functools
 import re
 from collections.abc import Collection, Iterable
 
-from simulator.replies import label_pattern, other_labels
+from simulator.replies import label_pattern, other_labels, other_patterns
 
 TRUNCATED = "truncated"  # the provider stopped at the token limit
 EMPTY = "empty"  # nothing left after cleaning and the re-asks
@@ -29,8 +29,9 @@ _TURN_START = r"(?:^|(?<=[.!?\"'”’)\]])[ \t]+)"
 
 
 @functools.lru_cache(maxsize=256)
-def _role_break_re(labels: tuple[str, ...]) -> re.Pattern[str]:
-    return re.compile(_TURN_START + label_pattern(labels), re.IGNORECASE | re.MULTILINE)
+def _role_break_re(labels: tuple[str, ...], speaker: str) -> re.Pattern[str]:
+    pattern = label_pattern(labels, other_patterns(speaker))
+    return re.compile(_TURN_START + pattern, re.IGNORECASE | re.MULTILINE)
 
 
 def truncated(finish_reason: str | None) -> bool:
@@ -38,12 +39,15 @@ def truncated(finish_reason: str | None) -> bool:
     return (finish_reason or "").lower() in LENGTH_REASONS
 
 
-def speaks_as_other(text: str, other_names: Iterable[str], role_names: Iterable[str]) -> bool:
-    """Whether `text` (already cleaned) still holds a turn labelled as someone else: another
-    agent, a role, the researcher or summarizer, or a generic `You:` / `User:` label, at a
-    line start or after the end of a sentence."""
+def speaks_as_other(
+    text: str, speaker: str, other_names: Iterable[str], role_names: Iterable[str]
+) -> bool:
+    """Whether `text` (already cleaned) still holds a turn labelled as someone other than
+    `speaker`: another agent (or an invented `Name_NN`), a role, the researcher or
+    summarizer, or a generic `You:` / `User:` label, at a line start or after the end of a
+    sentence."""
     labels = other_labels(other_names, role_names)
-    return bool(_role_break_re(tuple(labels)).search(text))
+    return bool(_role_break_re(tuple(labels), speaker).search(text))
 
 
 def normalized(text: str) -> str:
@@ -87,6 +91,7 @@ def leaks_prompt(text: str, system_prompt: str) -> bool:
 def message_flags(
     content: str,
     *,
+    speaker: str,
     finish_reason: str | None,
     system_prompt: str,
     other_names: Iterable[str],
@@ -104,7 +109,7 @@ def message_flags(
     if not content.strip():
         flags.append(EMPTY)
         return flags
-    if speaks_as_other(content, other_names, role_names):
+    if speaks_as_other(content, speaker, other_names, role_names):
         flags.append(ROLE_BREAK)
     mine = normalized(content)
     if mine and mine in seen:
