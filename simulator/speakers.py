@@ -70,9 +70,7 @@ def parse_selection(answer: str, agents: Sequence[Named], last: str | None) -> i
     roles = "|".join(
         sorted({re.escape(a.name.rsplit("_", 1)[0]) for a in agents}, key=len, reverse=True)
     )
-    pattern = (
-        rf"{_LEAD_IN}(?:the\s+)?(?:(?:{roles})s?\s+)?(?P<name>{names})(?![A-Za-z0-9_]){_TAIL}"
-    )
+    pattern = rf"{_LEAD_IN}(?:the\s+)?(?:(?:{roles})s?\s+)?(?P<name>{names})(?![A-Za-z0-9_]){_TAIL}"
     m = re.fullmatch(pattern, _answer_line(answer), re.IGNORECASE)
     if m is None:
         return None

@@ -259,8 +259,12 @@ def cli(settings, env_for):
         result: Any = CliRunner().invoke(
             app,
             list(args),
-            env={**env_for(settings), "SIMULATOR_USER": "alice", "SIMULATOR_RETRY_ATTEMPTS": "1",
-                 **(env or {})},  # fmt: skip
+            env={
+                **env_for(settings),
+                "SIMULATOR_USER": "alice",
+                "SIMULATOR_RETRY_ATTEMPTS": "1",
+                **(env or {}),
+            },  # fmt: skip
         )
         if ok:
             assert result.exit_code == 0, result.output + repr(result.exception)
