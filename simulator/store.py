@@ -1381,9 +1381,7 @@ def conversation_filter(where: dict[str, str]) -> dict[str, Any]:
             raise UserError(f"--where {key}=...: unknown key '{key}'. Filter by one of: {valid}.")
         if kind is bool:
             if value.lower() not in ("true", "false", "yes", "no"):
-                raise UserError(
-                    f"--where {key}={value}: {key} is true or false, e.g. {key}=false."
-                )
+                raise UserError(f"--where {key}={value}: {key} is true or false, e.g. {key}=false.")
             # Only completed conversations have a verdict: usable=false never lists a
             # pending or failed one (filter those with status=...).
             query[field] = value.lower() in ("true", "yes")
