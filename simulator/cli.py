@@ -545,6 +545,12 @@ def status(
             out.print(f"    stopped: {b.error}", markup=False)
         for line in display.failures_text(totals.failures):
             out.print(f"  {line}", markup=False)
+        if unusable := store.count_unusable(b.id):
+            out.print(
+                f"    {display.plural(unusable, 'completed conversation')} not usable by the quality "
+                f"rule: simulator conversations {b.id} --where usable=false",
+                markup=False,
+            )
         unfinished = b.status != "completed" and counts.get("completed", 0) < b.total
         if unfinished and not display.batch_running(b):  # a live one is being worked on
             out.print(f"    continue with:  simulator resume {b.id}", markup=False)
@@ -560,7 +566,8 @@ def conversations(
         "-w",
         metavar="KEY=VALUE",
         help="Only conversations with this condition (repeatable): llm, days, messages, "
-        "speaker, status, repetition, creator, agents_ROLE (e.g. agents_guard); e.g. --where status=failed.",
+        "speaker, status, repetition, creator, usable (true/false), agents_ROLE (e.g. "
+        "agents_guard); e.g. --where status=failed.",
     ),
     limit: int = typer.Option(50, "--limit", "-n", help="Show at most this many (0: all)."),
 ) -> None:
@@ -594,9 +601,11 @@ def conversations(
     out.print(f"{shown} · {source}", markup=False)
 
 
-def show_conversation(store: Store, ref: str, *, raw: bool, page: bool | None = None) -> None:
+def show_conversation(
+    store: Store, ref: str, *, raw: bool, page: bool | None = None, selector: bool = False
+) -> None:
     """Print a conversation; `page=None` pages a long one only when stdin and stdout are a
-    terminal (someone is there to press `q`)."""
+    terminal (someone is there to press `q`). `selector`: each speaker selector call too."""
     record = store.get_conversation(ref)
     exp = store.get_experiment(record.experiment_id)
     t = store.load_transcript(record.id)
@@ -609,6 +618,7 @@ def show_conversation(store: Store, ref: str, *, raw: bool, page: bool | None = 
         raw=raw,
         starting_message=prompts.starting_message(exp, record.spec.agents),
         page=page,
+        selector_calls=t.selector_calls if selector else None,
     )
 
 
@@ -621,9 +631,15 @@ def show(
     raw: bool = typer.Option(
         False, "--raw", help="Also show raw replies where cleaning changed them."
     ),
+    selector: bool = typer.Option(
+        False,
+        "--selector",
+        help="Also show each speaker selector call: its answer, whom it chose, fallbacks.",
+    ),
 ) -> None:
-    """Print one conversation: conditions, days, speakers coloured by role, summaries."""
-    show_conversation(open_store(), conversation, raw=raw)
+    """Print one conversation: conditions, quality, days, speakers coloured by role, flags,
+    summaries."""
+    show_conversation(open_store(), conversation, raw=raw, selector=selector)
 
 
 # --- the embedded database ----------------------------------------------------------------

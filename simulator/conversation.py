@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from simulator import prompts, speakers
+from simulator import prompts, quality, speakers
 from simulator.errors import UserError
 from simulator.experiment import Experiment, ModelSpec
 from simulator.llm.base import ChatMessage, ChatModel, Reply
@@ -63,6 +63,8 @@ class Message:
     raw: str | None = None  # the model's reply when cleaning changed it
     empty: bool = False  # still empty after the re-asks
     usage: Usage = field(default_factory=Usage)
+    finish_reason: str | None = None  # the provider's, for the reply kept ("length": cut off)
+    flags: list[str] = field(default_factory=list)  # quality flags (simulator/quality)
 
 
 @dataclass
@@ -70,6 +72,8 @@ class Summary:
     day: int
     content: str
     usage: Usage = field(default_factory=Usage)
+    finish_reason: str | None = None
+    flags: list[str] = field(default_factory=list)  # truncated, empty
 
 
 @dataclass
@@ -247,6 +251,7 @@ class Conversation:
         self.on_event = on_event or (lambda event: None)
         self.manual = manual
         self.role_names = [r.name for r in exp.roles]
+        self._seen: set[str] = set()  # normalized contents of the messages so far (`repeated`)
         self.summarizer_prompt = summarizer_prompt or prompts.summarizer_prompt(exp, spec.agents)
         self.starting_message = prompts.starting_message(exp, spec.agents)
         if spec.speaker == "manual" and manual is None and len(self.agents) > 2:
@@ -255,6 +260,8 @@ class Conversation:
     def run(self, done: Transcript | None = None) -> Transcript:
         """Run to the end, continuing after whatever `done` already holds."""
         t = done or Transcript()
+        # What `repeated` compares with: every earlier message, stored ones included.
+        self._seen = {quality.normalized(m.content) for m in t.messages}
         summarized = {s.day for s in t.summaries}
         for day, count in enumerate(messages_per_day(self.spec.messages, self.spec.days), 1):
             if day in summarized:
@@ -287,13 +294,24 @@ class Conversation:
         usage = Usage()
         raw = ""
         content = ""
+        finish_reason = None
         for _ in range(1 + EXTRA_ATTEMPTS):
             reply = self.models.agent.chat(view, stop=stop)
             usage.add(reply)
-            raw = reply.text
+            raw, finish_reason = reply.text, reply.finish_reason
             content = clean_reply(raw, agent.name, agent.role, others, self.role_names)
             if content:
                 break
+        flags = quality.message_flags(
+            content,
+            speaker=agent.name,
+            finish_reason=finish_reason,
+            system_prompt=agent.system_prompt,
+            other_names=others,
+            role_names=self.role_names,
+            seen=self._seen,
+        )
+        self._seen.add(quality.normalized(content))
         return Message(
             day=day,
             turn=turn,
@@ -303,6 +321,8 @@ class Conversation:
             raw=raw if raw != content else None,
             empty=not content,
             usage=usage,
+            finish_reason=finish_reason,
+            flags=flags,
         )
 
     def _summarize(self, day: int, today: list[Message]) -> Summary:
@@ -313,13 +333,20 @@ class Conversation:
         ]
         usage = Usage()
         text = ""
+        finish_reason = None
         for _ in range(1 + EXTRA_ATTEMPTS):
             reply = self.models.summarizer.chat(request)
             usage.add(reply)
-            text = reply.text.strip()
+            text, finish_reason = reply.text.strip(), reply.finish_reason
             if text:
                 break
-        return Summary(day=day, content=text, usage=usage)
+        return Summary(
+            day=day,
+            content=text,
+            usage=usage,
+            finish_reason=finish_reason,
+            flags=quality.summary_flags(text, finish_reason),
+        )
 
     # --- choosing the speaker ---------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from simulator.conversation import Message, Summary
+from simulator.conversation import EXTRA_ATTEMPTS, Message, SelectorCall, Summary
 from simulator.grid import Grid
 from simulator.runner import BatchReport, ProgressEvent
 from simulator.store import BatchRecord, BatchTotals, ConversationRecord, ExperimentRow, plural
@@ -77,6 +77,7 @@ def transcript_parts(
     *,
     raw: bool = False,
     starting_message: str | None = None,
+    selector_calls: Sequence[SelectorCall] | None = None,
 ) -> list[RenderableType]:
     """What `render_transcript` prints, piece by piece."""
     roles = list(roles) + sorted({m.role for m in messages} - set(roles))
@@ -92,6 +93,13 @@ def transcript_parts(
         parts.append(agents)
     if rec.error:
         parts.append(Text(f"Error: {rec.error}", style="red"))
+    if rec.quality is not None:
+        parts.append(
+            Text(f"Quality: {rec.quality.line()}", style="green" if rec.quality.usable else "red")
+        )
+    calls: dict[tuple[int, int], list[SelectorCall]] = {}
+    for c in selector_calls or ():
+        calls.setdefault((c.day, c.turn), []).append(c)
     by_day = {s.day: s for s in summaries}
     for day in range(1, rec.spec.days + 1):
         today = [m for m in messages if m.day == day]
@@ -102,16 +110,37 @@ def transcript_parts(
             earlier = " (and the summaries of the days before)" if day > 1 else ""
             parts.append(Text(f"Researcher: {starting_message}{earlier}", style="dim"))
         for m in today:
+            parts += selector_lines(calls.get((m.day, m.turn), []), m.speaker)
             label = Text(f"{m.speaker}: ", style=f"bold {colours.get(m.role, 'white')}")
             body = Text("(empty reply)", style="dim italic") if m.empty else Text(m.content)
-            parts.append(label + body)
+            parts.append(label + body + flags_text(m.flags, m.finish_reason))
             if raw and m.raw is not None:
                 parts.append(Text(f"  raw: {m.raw}", style="dim"))
         if day in by_day:
-            parts.append(
-                Panel(by_day[day].content, title=f"Summary of day {day}", border_style="dim")
-            )
+            s = by_day[day]
+            title = f"Summary of day {day}" + (f" [{', '.join(s.flags)}]" if s.flags else "")
+            parts.append(Panel(s.content, title=escape(title), border_style="dim"))
     return parts
+
+
+def flags_text(flags: Sequence[str], finish_reason: str | None = None) -> Text:
+    """` [truncated, repeated]` after a message (nothing when it has no flags)."""
+    if not flags:
+        return Text("")
+    return Text(f"  [{', '.join(flags)}]", style="bold yellow")
+
+
+def selector_lines(calls: Sequence[SelectorCall], spoke: str) -> list[RenderableType]:
+    """One dim line per selector call of a turn: the answer, what it chose, a fallback."""
+    lines: list[RenderableType] = []
+    for i, c in enumerate(calls, 1):
+        answer = " ".join(c.answer.split())
+        answer = answer if len(answer) <= 100 else answer[:99] + "…"
+        verdict = f"chose {c.chosen}" if c.chosen else "invalid"
+        lines.append(Text(f"  selector {i}: {answer!r} → {verdict}", style="dim"))
+    if len(calls) == 1 + EXTRA_ATTEMPTS and all(c.chosen is None for c in calls):
+        lines.append(Text(f"  selector fell back to round robin → {spoke}", style="yellow"))
+    return lines
 
 
 def render_transcript(
@@ -124,6 +153,7 @@ def render_transcript(
     raw: bool = False,
     starting_message: str | None = None,
     page: bool | None = False,
+    selector_calls: Sequence[SelectorCall] | None = None,
 ) -> None:
     """Print a conversation: conditions, day headers, speakers coloured by role, summaries.
 
@@ -132,7 +162,13 @@ def render_transcript(
     than the screen; `page=False` never pages.
     """
     parts = transcript_parts(
-        rec, messages, summaries, roles, raw=raw, starting_message=starting_message
+        rec,
+        messages,
+        summaries,
+        roles,
+        raw=raw,
+        starting_message=starting_message,
+        selector_calls=selector_calls,
     )
     if page is None:
         # Only with someone at a terminal to press `q`: a pager on a pipe or with no
@@ -251,6 +287,7 @@ def conversations_table(records: Sequence[ConversationRecord]) -> Table:
     for col in ("id", "batch", "LLM", "msgs", "days", "agents", "speaker", "rep"):
         table.add_column(col, no_wrap=True)
     table.add_column("status")
+    table.add_column("usable")  # the quality verdict, once completed
     for r in records:
         s = r.spec
         table.add_row(
@@ -263,6 +300,7 @@ def conversations_table(records: Sequence[ConversationRecord]) -> Table:
             s.speaker,
             str(s.repetition),
             r.status + (f": {r.error[:40]}" if r.error else ""),
+            "" if r.quality is None else ("yes" if r.quality.usable else "[red]no[/]"),
         )
     return table
 
@@ -363,6 +401,11 @@ def report_text(report: BatchReport, totals: BatchTotals) -> str:
         f"{totals.prompt_tokens} tokens in / {totals.completion_tokens} out, "
         f"{totals.retries} retries; this run took {duration_text(report.elapsed)}",
     ]
+    if report.unusable:
+        lines.append(
+            f"{plural(report.unusable, 'completed conversation')} not usable by the quality "
+            f"rule: list them with `simulator conversations {report.batch_id} --where usable=false`"
+        )
     if report.reason and report.reason != "interrupted":
         lines.append(f"Stopped: {report.reason}")
     lines += failures_text(report.failures)

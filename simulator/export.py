@@ -28,9 +28,18 @@ from pathlib import Path
 from typing import Any
 
 from simulator import display, prompts
-from simulator.conversation import RESEARCHER, Message, Summary, Transcript, day_opening
+from simulator.conversation import (
+    EXTRA_ATTEMPTS,
+    RESEARCHER,
+    Message,
+    SelectorCall,
+    Summary,
+    Transcript,
+    day_opening,
+)
 from simulator.errors import NotFoundError, UserError
 from simulator.experiment import Experiment
+from simulator.quality import MESSAGE_FLAGS
 from simulator.store import BatchRecord, ConversationRecord, Store
 
 FORMATS = ("txt", "jsonl", "csv", "html")
@@ -40,6 +49,9 @@ SUMMARIZER = "Summarizer"
 MESSAGE_COLUMNS = (
     "kind", "day", "turn", "speaker", "role", "content", "raw", "empty",
     "prompt_tokens", "completion_tokens", "latency", "retries", "calls",
+    # quality (simulator/quality): the provider's finish reason, the flags as one
+    # comma-separated cell, and one true/false column per flag
+    "finish_reason", "flags", *(f"flag_{f}" for f in MESSAGE_FLAGS),
 )  # fmt: skip
 # Distinct on white and readable as text; roles past the tenth get generated hues.
 PALETTE = (
@@ -175,7 +187,7 @@ def columns(exp: Experiment) -> list[str]:
         "creator", "llm", "provider", "model",
         *("llm_seed" if k == "seed" else k for k in SAMPLING), "repeat_penalty",
         "days", "messages", *(f"agents_{r.name}" for r in exp.roles), "agents_total",
-        "speaker_selection", "repetition", "seed", "status",
+        "speaker_selection", "repetition", "seed", "status", "usable",
         *MESSAGE_COLUMNS,
     ]  # fmt: skip
 
@@ -206,6 +218,7 @@ def conditions(exp: Experiment, rec: ConversationRecord) -> dict[str, Any]:
     row["repetition"] = spec.repetition
     row["seed"] = spec.seed
     row["status"] = rec.status
+    row["usable"] = rec.quality.usable if rec.quality is not None else None
     return row
 
 
@@ -218,13 +231,14 @@ def transcript_rows(exp: Experiment, rec: ConversationRecord, t: Transcript) -> 
         today = [m for m in t.messages if m.day == day]
         for m in today:
             yield base | _message_fields("message", m.day, m.turn, m.speaker, m.role, m.content,
-                                         m.raw, m.empty, m.usage)  # fmt: skip
+                                         m.raw, m.empty, m.usage) | _flag_fields(m)  # fmt: skip
         if day in summaries:
             s = summaries[day]
             # After the day's last turn, so sorting by (day, turn) keeps the reading order.
             turn = max((m.turn for m in today), default=0) + 1
             yield base | _message_fields("summary", day, turn, SUMMARIZER, "summarizer",
-                                         s.content, None, not s.content, s.usage)  # fmt: skip
+                                         s.content, None, not s.content, s.usage
+                                         ) | _flag_fields(s)  # fmt: skip
 
 
 def _message_fields(
@@ -245,6 +259,14 @@ def _message_fields(
         "latency": float(usage.latency),
         "retries": usage.retries,
         "calls": usage.calls,
+    }
+
+
+def _flag_fields(item: Message | Summary) -> dict[str, Any]:
+    return {
+        "finish_reason": item.finish_reason,
+        "flags": ",".join(item.flags),
+        **{f"flag_{f}": f in item.flags for f in MESSAGE_FLAGS},
     }
 
 
@@ -361,6 +383,12 @@ def conversation_html(exp: Experiment, rec: ConversationRecord, t: Transcript) -
     ]
     if rec.error:
         parts.append(f'<p class="error">Error: {_e(rec.error)}</p>')
+    if rec.quality is not None:
+        verdict = "usable" if rec.quality.usable else "unusable"
+        parts.append(f'<p class="quality {verdict}">Quality: {_e(rec.quality.line())}</p>')
+    calls: dict[tuple[int, int], list[SelectorCall]] = {}
+    for c in t.selector_calls:
+        calls.setdefault((c.day, c.turn), []).append(c)
     agents = "".join(
         f'<li class="agent {css_class.get(a.role, "")}" data-role="{_e(a.role)}">'
         f'<span class="speaker">{_e(a.name)}</span> <span class="role">{_e(a.role)}</span></li>'
@@ -381,6 +409,8 @@ def conversation_html(exp: Experiment, rec: ConversationRecord, t: Transcript) -
             )
             parts.append(f'<p class="hint">followed by {earlier}</p>')
         for m in today:
+            if (m.day, m.turn) in calls:
+                parts.append(_selector_html(calls[(m.day, m.turn)], m.speaker))
             parts.append(_message_html(m.speaker, m.role, css_class.get(m.role, ""), m.content,
                                        m.raw, m.empty, m))  # fmt: skip
         if day in summaries:
@@ -407,15 +437,43 @@ def _message_html(
     extra = ""
     if raw is not None:
         extra = f'<details class="raw"><summary>raw reply</summary><pre>{_e(raw)}</pre></details>'
+    flags = _flags_html(m.flags) if m else ""
+    if m and m.flags:
+        css += " flagged"
+        turn += f' data-flags="{_e(",".join(m.flags))}"'
     return (
         f'<div class="message {css}" data-speaker="{_e(speaker)}" data-role="{_e(role)}"{turn}>'
-        f'<div class="speaker">{_e(speaker)}</div><div class="content">{text}</div>{extra}</div>'
+        f'<div class="speaker">{_e(speaker)}{flags}</div><div class="content">{text}</div>'
+        f"{extra}</div>"
+    )
+
+
+def _flags_html(flags: list[str]) -> str:
+    return "".join(f' <span class="flag flag-{_e(f)}">{_e(f)}</span>' for f in flags)
+
+
+def _selector_html(calls: list[SelectorCall], spoke: str) -> str:
+    """The selector calls of one turn, folded: a click shows each answer and its outcome."""
+    items = "".join(
+        f"<li><q>{_e(c.answer)}</q> &rarr; "
+        + (f"chose {_e(c.chosen)}" if c.chosen else '<span class="invalid">invalid</span>')
+        + "</li>"
+        for c in calls
+    )
+    fell_back = len(calls) == 1 + EXTRA_ATTEMPTS and all(c.chosen is None for c in calls)
+    outcome = f"fell back to round robin: {_e(spoke)}" if fell_back else f"chose {_e(spoke)}"
+    css = "selector fallback" if fell_back else "selector"
+    return (
+        f'<details class="{css}"><summary>speaker selection: {len(calls)} call(s), '
+        f"{outcome}</summary><ol>{items}</ol></details>"
     )
 
 
 def _summary_html(s: Summary) -> str:
+    css = "summary flagged" if s.flags else "summary"
     return (
-        f'<aside class="summary" data-day="{s.day}"><h3>Summary of day {s.day}</h3>'
+        f'<aside class="{css}" data-day="{s.day}"><h3>Summary of day {s.day}'
+        f"{_flags_html(s.flags)}</h3>"
         f'<div class="content">{_e(s.content)}</div></aside>'
     )
 
@@ -424,6 +482,7 @@ INDEX_COLUMNS = (
     ("conversation", "text"), ("batch", "text"), ("LLM", "text"), ("sampling", "text"),
     ("days", "number"), ("messages", "number"), ("agents", "text"), ("speaker", "text"),
     ("repetition", "number"), ("seed", "number"), ("status", "text"), ("created", "text"),
+    ("usable", "text"),
 )  # fmt: skip
 
 
@@ -452,6 +511,7 @@ def index_html(exp: Experiment, records: list[ConversationRecord]) -> str:
             (s.seed, s.seed),
             (rec.status, _e(rec.status)),
             (created, created),
+            _usable_cell(rec),
         ]
         tds = "".join(f'<td data-value="{_e(v)}">{shown}</td>' for v, shown in cells)
         body.append(f'<tr data-id="{rec.id}">{tds}</tr>')
@@ -465,6 +525,15 @@ def index_html(exp: Experiment, records: list[ConversationRecord]) -> str:
         f"<tbody>{''.join(body)}</tbody></table>"
     )
     return _page(f"{exp.name} · conversations", page, _asset("sort.js"))
+
+
+def _usable_cell(rec: ConversationRecord) -> tuple[str, str]:
+    q = rec.quality
+    if q is None:
+        return "", ""
+    if q.usable:
+        return "yes", "yes"
+    return "no", f'<span class="unusable" title="{_e("; ".join(q.reasons))}">no</span>'
 
 
 def export_html(store: Store, sel: Selection, folder: Path) -> ExportResult:

@@ -33,6 +33,7 @@ from simulator.conversation import (
     Models,
     SelectorCall,
     Summary,
+    Transcript,
     build_agents,
 )
 from simulator.errors import (
@@ -50,6 +51,7 @@ from simulator.experiment import Experiment, ModelSpec
 from simulator.grid import Grid
 from simulator.llm.registry import ModelPool, endpoint_key, preflight
 from simulator.llm.retry import RetryPolicy
+from simulator.quality import Quality, UsableRule, assess
 from simulator.settings import Settings
 from simulator.status import BatchStatus, ConversationStatus
 from simulator.store import LEASE_SECONDS, BatchRecord, ConversationRecord, Lease, Store
@@ -93,6 +95,7 @@ class BatchReport:
     reason: str | None = None
     abandoned: int = 0  # conversation threads still waiting for a call when the run gave up
     note: str | None = None  # something the user should be told (e.g. a batch marked completed)
+    unusable: int = 0  # completed conversations the quality rule judged not usable
 
 
 @dataclass
@@ -109,6 +112,7 @@ class RunOptions:
     # A runner silent for this long loses the batch to another process (heartbeat every third).
     lease_seconds: float = LEASE_SECONDS
     templates: prompts.Templates | None = None  # None: the shipped ones
+    usable_rule: UsableRule = field(default_factory=UsableRule)  # SIMULATOR_USABLE_MAX_*
 
 
 def options_from_settings(
@@ -140,6 +144,7 @@ def options_from_settings(
         manual=manual,
         on_warning=on_warning,
         templates=prompts.Templates.load(settings.prompts_dir),  # read once per batch
+        usable_rule=settings.usable_rule(),
     )
 
 
@@ -579,6 +584,7 @@ class _BatchRun:
             elapsed=elapsed,
             reason=reason,
             abandoned=abandoned,
+            unusable=store.count_unusable(batch.id),
         )
         self.notify(ProgressEvent("finished", batch.id, status=status, total=batch.total))
         return report
@@ -784,5 +790,23 @@ def _run_one(
         )
         notify(ProgressEvent("conversation_finished", batch_id, record.id, "failed", error))
         raise
-    store.finish_conversation(record.id, ConversationStatus.COMPLETED, transcript, lease=lease)
+    store.finish_conversation(
+        record.id,
+        ConversationStatus.COMPLETED,
+        transcript,
+        lease=lease,
+        quality=transcript_quality(transcript, options.usable_rule),
+    )
     notify(ProgressEvent("conversation_finished", batch_id, record.id, status="completed"))
+
+
+def transcript_quality(t: Transcript, rule: UsableRule) -> Quality:
+    """The flag counts, selector figures and `usable` verdict of a finished conversation."""
+    return assess(
+        [m.flags for m in t.messages],
+        [s.flags for s in t.summaries],
+        selector_calls=len(t.selector_calls),
+        invalid_selections=sum(1 for c in t.selector_calls if c.chosen is None),
+        fallbacks=t.fallbacks,
+        rule=rule,
+    )

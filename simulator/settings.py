@@ -13,6 +13,9 @@ from typing import Any
 from urllib.parse import quote_plus, unquote_plus
 
 from simulator.errors import UserError
+from simulator.quality.verdict import UsableRule, parse_limit
+
+USABLE_LIMITS = ("empty", "truncated", "fallbacks", "role_breaks", "repeated", "leaked")
 
 APP_NAME = "llm-simulator"
 
@@ -60,6 +63,23 @@ class Settings:
     retry_base_delay: float = 0.5  # seconds before the first retry; doubles each time
     retry_max_delay: float = 30.0  # cap on one wait; a longer Retry-After fails the call
     request_timeout: float = 120.0  # seconds one LLM request may take before it is retried
+    # Thresholds of the `usable` verdict (simulator/quality/verdict.py): a count ("0") or a
+    # share ("10%" or "0.1") of the conversation's replies or messages.
+    usable_max_empty: str = "0"
+    usable_max_truncated: str = "10%"
+    usable_max_fallbacks: str = "1"
+    usable_max_role_breaks: str = "0"
+    usable_max_repeated: str = "0"
+    usable_max_leaked: str = "0"
+
+    def usable_rule(self) -> UsableRule:
+        """The `usable` rule these settings describe."""
+        return UsableRule(
+            **{
+                f"max_{name}": parse_limit(getattr(self, f"usable_max_{name}"))
+                for name in USABLE_LIMITS
+            }
+        )
 
     def __repr__(self) -> str:
         # repr is what ends up in logs and tracebacks: never show secrets.
@@ -265,6 +285,7 @@ _VARIABLES: dict[str, tuple[str, type]] = {
     "retry_base_delay": ("SIMULATOR_RETRY_BASE_DELAY", float),
     "retry_max_delay": ("SIMULATOR_RETRY_MAX_DELAY", float),
     "request_timeout": ("SIMULATOR_REQUEST_TIMEOUT", float),
+    **{f"usable_max_{n}": (f"SIMULATOR_USABLE_MAX_{n.upper()}", str) for n in USABLE_LIMITS},
 }
 _MINIMUM = {
     "embedded_port": 0,
@@ -299,6 +320,9 @@ def _convert(name: str, value: object, where: str = "") -> object:
         if name in _MAXIMUM and number > _MAXIMUM[name]:
             raise UserError(f"{variable} must be at most {_MAXIMUM[name]}, got {number}{where}.")
         return number
+    if name.startswith("usable_max_"):
+        parse_limit(str(value), f"{variable}{where}")  # checked now, not mid-batch
+        return str(value).strip()
     if name == "mongodb_db" and (not str(value) or re.search(r'[/\\. "$\x00]', str(value))):
         raise UserError(
             f"MONGODB_DB {value!r}{where} is not a valid database name: use letters, digits, "

@@ -51,6 +51,7 @@ from simulator.errors import (
 )
 from simulator.experiment import Experiment, ModelSpec, experiment_from_dict, experiment_to_dict
 from simulator.grid import Grid
+from simulator.quality import Quality
 from simulator.status import UNFINISHED, BatchStatus, ConversationStatus
 
 LEASE_SECONDS = 30.0  # a batch whose runner has not been heard of for this long is free
@@ -226,6 +227,9 @@ class ConversationRecord:
     favourited_by: list[str] = field(default_factory=list)  # who starred it (each for themselves)
     note: str = ""
     message_count: int = 0
+    # Flag counts, selector figures and the `usable` verdict, set when it completed
+    # (None before, and for conversations stored before quality flags existed).
+    quality: Quality | None = None
 
 
 def _model_to_doc(spec: ModelSpec) -> dict[str, Any]:
@@ -867,6 +871,10 @@ class Store:
         )
         return {r["_id"]: r["n"] for r in rows}
 
+    def count_unusable(self, batch_id: str) -> int:
+        """Completed conversations of the batch whose quality verdict is `usable: false`."""
+        return self.conversations.count_documents({"batch_id": batch_id, "usable": False})
+
     def batch_totals(self, batch_id: str) -> BatchTotals:
         """Messages, tokens, retries and failures of a batch (for status and summaries)."""
         # Matched on the batch id every record carries: matching a list of the batch's
@@ -1002,9 +1010,7 @@ class Store:
         for d in self.messages.find(query, {"_id": 0, "batch_id": 0, "created_at": 0}):
             found[d["conversation_id"]].messages.append(_message(d))
         for d in self.summaries.find(query, {"_id": 0, "batch_id": 0, "created_at": 0}):
-            found[d["conversation_id"]].summaries.append(
-                Summary(d["day"], d["content"], _usage(d.get("usage")))
-            )
+            found[d["conversation_id"]].summaries.append(_summary(d))
         calls = list(self.selector_calls.find(query, {"_id": 0, "batch_id": 0, "created_at": 0}))
         calls.sort(key=lambda d: (d["day"], d["turn"], d.get("attempt", 0)))
         for d in calls:
@@ -1045,6 +1051,7 @@ class Store:
         *,
         failed_call_retries: int = 0,
         lease: Lease | None = None,
+        quality: Quality | None = None,
     ) -> bool:
         """`failed_call_retries`: retries of the call that failed the conversation (counted
         in the batch's retries, as no stored message carries them).
@@ -1057,6 +1064,10 @@ class Store:
         if transcript is not None:
             changes["usage"] = {k: _usage_doc(u) for k, u in transcript.usage().items()}
             changes["fallbacks"] = transcript.fallbacks
+        if quality is not None:
+            # `usable` also at the top level: what `--where usable=...` filters on.
+            changes["quality"] = dataclasses.asdict(quality)
+            changes["usable"] = quality.usable
         update: dict[str, Any] = {"$set": changes}
         if failed_call_retries:
             update["$inc"] = {"failed_call_retries": failed_call_retries}
@@ -1179,6 +1190,8 @@ class Store:
                 raw=m.raw,
                 empty=m.empty,
                 usage=_usage_doc(m.usage),
+                finish_reason=m.finish_reason,
+                flags=list(m.flags),
                 created_at=now(),
             )
             what = f"message {m.turn} of day {m.day}"
@@ -1188,6 +1201,8 @@ class Store:
                 day=event.day,
                 content=event.content,
                 usage=_usage_doc(event.usage),
+                finish_reason=event.finish_reason,
+                flags=list(event.flags),
                 created_at=now(),
             )
             return self.summaries, doc, ("day",), ("content",), f"summary of day {event.day}"
@@ -1267,20 +1282,9 @@ class Store:
         query = {"conversation_id": conv_id}
         t = Transcript()
         for d in self.messages.find(query).sort([("day", 1), ("turn", 1)]):
-            t.messages.append(
-                Message(
-                    day=d["day"],
-                    turn=d["turn"],
-                    speaker=d["speaker"],
-                    role=d["role"],
-                    content=d["content"],
-                    raw=d.get("raw"),
-                    empty=bool(d.get("empty")),
-                    usage=_usage(d.get("usage")),
-                )
-            )
+            t.messages.append(_message(d))
         for d in self.summaries.find(query).sort("day", 1):
-            t.summaries.append(Summary(d["day"], d["content"], _usage(d.get("usage"))))
+            t.summaries.append(_summary(d))
         spoken = {(m.day, m.turn) for m in t.messages}
         for d in self.selector_calls.find(query).sort([("day", 1), ("turn", 1), ("attempt", 1)]):
             if discard_partial and (d["day"], d["turn"]) not in spoken:
@@ -1540,6 +1544,19 @@ def _message(d: dict) -> Message:
         raw=d.get("raw"),
         empty=bool(d.get("empty")),
         usage=_usage(d.get("usage")),
+        finish_reason=d.get("finish_reason"),
+        # Messages stored before flags existed: only `empty` is known.
+        flags=list(d["flags"]) if "flags" in d else (["empty"] if d.get("empty") else []),
+    )
+
+
+def _summary(d: dict) -> Summary:
+    return Summary(
+        d["day"],
+        d["content"],
+        _usage(d.get("usage")),
+        finish_reason=d.get("finish_reason"),
+        flags=list(d["flags"]) if "flags" in d else ([] if d["content"] else ["empty"]),
     )
 
 
@@ -1552,6 +1569,7 @@ CONVERSATION_FILTERS: dict[str, tuple[str, type]] = {
     "status": ("status", str),
     "repetition": ("repetition", int),
     "creator": ("creator", str),
+    "usable": ("usable", bool),
 }
 STATUSES = ("pending", "running", "interrupted", "failed", "completed")
 
@@ -1569,7 +1587,13 @@ def conversation_filter(where: dict[str, str]) -> dict[str, Any]:
         else:
             valid = ", ".join([*CONVERSATION_FILTERS, "agents_<role> (e.g. agents_guard)"])
             raise UserError(f"--where {key}=...: unknown key '{key}'. Filter by one of: {valid}.")
-        if kind is int:
+        if kind is bool:
+            if value.lower() not in ("true", "false", "yes", "no"):
+                raise UserError(f"--where {key}={value}: {key} is true or false, e.g. {key}=false.")
+            # Only completed conversations have a verdict: usable=false never lists a
+            # pending or failed one (filter those with status=...).
+            query[field] = value.lower() in ("true", "yes")
+        elif kind is int:
             if not re.fullmatch(r"-?\d+", value):
                 raise UserError(f"--where {key}={value}: {key} is a whole number, e.g. {key}=2.")
             query[field] = int(value)
@@ -1716,7 +1740,15 @@ def _conversation(doc: dict) -> ConversationRecord:
         fallbacks=doc.get("fallbacks", 0),
         favourited_by=favourited_by(doc),
         note=doc.get("note", ""),
+        quality=_quality(doc.get("quality")),
     )
+
+
+def _quality(doc: Any) -> Quality | None:
+    if not isinstance(doc, dict):
+        return None
+    names = {f.name for f in dataclasses.fields(Quality)}
+    return Quality(**{k: v for k, v in doc.items() if k in names})
 
 
 def duplicate_experiment(store: Store, ref: str, edited: Experiment | None = None) -> Experiment:

@@ -23,7 +23,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-ReplyFn = Callable[[dict[str, Any]], str]
+# A reply function returns the text, or (text, finish reason) to report another reason than
+# "stop" (e.g. "length": cut off at max_tokens), as OpenAI's finish_reason and Ollama's
+# done_reason.
+ReplyFn = Callable[[dict[str, Any]], "str | tuple[str, str]"]
 
 CHAT_PATHS = ("/api/chat", "/v1/chat/completions")
 _DETAILS = {
@@ -294,7 +297,8 @@ class _Handler(BaseHTTPRequestHandler):
             if model not in fake.installed:
                 message = f'model "{model}" not found, try pulling it first'
                 return self._error(404, message, openai)
-            text = fake.reply(body)
+            answer = fake.reply(body)
+            text, reason = answer if isinstance(answer, tuple) else (answer, "stop")
             prompt = sum(count_tokens(str(m.get("content", ""))) for m in body.get("messages", []))
             completion = count_tokens(text)
             if openai:
@@ -308,7 +312,7 @@ class _Handler(BaseHTTPRequestHandler):
                         "choices": [
                             {
                                 "index": 0,
-                                "finish_reason": "stop",
+                                "finish_reason": reason,
                                 "message": {"role": "assistant", "content": text},
                             }
                         ],
@@ -326,7 +330,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "created_at": "2025-01-01T00:00:00Z",
                     "message": {"role": "assistant", "content": text},
                     "done": True,
-                    "done_reason": "stop",
+                    "done_reason": reason,
                     "prompt_eval_count": prompt,
                     "eval_count": completion,
                 },

@@ -20,6 +20,7 @@ from simulator import display, export, prompts
 from simulator.cli import app
 from simulator.experiment import ModelSpec, load_experiment
 from simulator.grid import make_grid
+from simulator.quality import MESSAGE_FLAGS
 from simulator.runner import RunOptions, start_batch
 from simulator.store import Store
 
@@ -107,8 +108,14 @@ def test_jsonl_and_csv_read_back_with_pandas_match_the_store(batch, tmp_path):
                 "context_length": None, "max_tokens": None, "repeat_penalty": None,
                 "days": 2, "messages": 6, "agents_guard": 1, "agents_prisoner": 2,
                 "agents_total": 3, "speaker_selection": "round_robin", "repetition": 0,
-                "seed": 0, "status": "completed",
+                "seed": 0, "status": "completed", "usable": rec.quality.usable,
             }  # fmt: skip
+
+            def flag_cols(item):  # quality columns (issue 10)
+                return {"finish_reason": item.finish_reason, "flags": ",".join(item.flags)} | {
+                    f"flag_{f}": f in item.flags for f in MESSAGE_FLAGS
+                }
+
             for day in (1, 2):
                 today = [m for m in t.messages if m.day == day]
                 for m in today:
@@ -119,7 +126,7 @@ def test_jsonl_and_csv_read_back_with_pandas_match_the_store(batch, tmp_path):
                         "completion_tokens": m.usage.completion_tokens,
                         "latency": m.usage.latency, "retries": m.usage.retries,
                         "calls": m.usage.calls,
-                    })  # fmt: skip
+                    } | flag_cols(m))  # fmt: skip
                 (summary,) = [x for x in t.summaries if x.day == day]
                 expected.append(cond | {
                     "kind": "summary", "day": day, "turn": len(today) + 1,
@@ -129,7 +136,7 @@ def test_jsonl_and_csv_read_back_with_pandas_match_the_store(batch, tmp_path):
                     "completion_tokens": summary.usage.completion_tokens,
                     "latency": summary.usage.latency, "retries": summary.usage.retries,
                     "calls": summary.usage.calls,
-                })  # fmt: skip
+                } | flag_cols(summary))  # fmt: skip
         assert len(df) == len(expected) == 2 * (6 + 2) == result.rows
         for i, want in enumerate(expected):
             row = df.iloc[i]

@@ -173,3 +173,71 @@ def test_two_day_three_agent_conversation_over_the_openai_provider(llama_server_
     assert all(m.usage.prompt_tokens > 0 and m.usage.completion_tokens > 0 for m in t.messages)
     assert [s.day for s in t.summaries] == [1, 2]
     assert all(s.content and s.usage.completion_tokens > 0 for s in t.summaries)
+
+
+SHORT_EXPERIMENT = """\
+name: short
+starting_message: The guards decide about yard time today.
+roles:
+  guard:
+    description: keeps order
+    sections:
+      starting_prompt: You are a prison guard in a role-play. Answer in one short sentence.
+      goal: Keep the prisoners calm.
+  prisoner:
+    description: wants yard time
+    sections:
+      starting_prompt: You are a prisoner in a role-play. Answer in one short sentence.
+      goal: Get one more hour of yard time.
+summarizer:
+  sections:
+    starting_prompt: Summarize the day in one sentence.
+llms:
+  - {model: smollm2, provider: llamacpp}
+"""
+
+
+def test_two_day_four_agent_conversation_stores_finish_reasons_and_flags(db, tmp_path):
+    """Issue 10: every stored reply of a real model carries its finish reason and flags,
+    and the conversation its quality verdict (max_tokens is small: most replies are cut)."""
+    require_real_model()
+    from simulator.experiment import load_experiment
+    from simulator.grid import make_grid
+    from simulator.llm.retry import RetryPolicy
+    from simulator.runner import RunOptions, start_batch
+    from simulator.store import Store
+
+    store = Store.open(db, "alice")
+    # Short prompts: on a shared 2-core machine, reading prison.yaml's long prompts at every
+    # turn (the seed makes llama.cpp forget its cache) takes minutes.
+    path = Path(tmp_path) / "short.yaml"
+    path.write_text(SHORT_EXPERIMENT)
+    exp = load_experiment(path)
+    exp.llms = [
+        ModelSpec(
+            "smollm2", "llamacpp", temperature=0.7, top_p=0.9, seed=1, max_tokens=16,
+            extra={"repeat_penalty": 1.3},
+        )
+    ]  # fmt: skip
+    exp = store.insert_experiment(exp)
+    grid = make_grid(
+        exp, llms=["smollm2"], messages=8, days=2, agents="guard=2,prisoner=2",
+        speakers=["round_robin"],
+    )  # fmt: skip
+    report = start_batch(store, exp, grid, RunOptions(retry=RetryPolicy(attempts=1)))
+    assert report.status == "completed"
+    (rec,) = store.list_conversations(batch_id=report.batch_id)
+    t = store.load_transcript(rec.id)
+    assert len(t.messages) == 8 and len({m.speaker for m in t.messages}) == 4
+    assert len(t.summaries) == 2
+    for item in [*t.messages, *t.summaries]:
+        assert item.finish_reason in ("stop", "length"), item
+        assert ("truncated" in item.flags) == (item.finish_reason == "length"), item
+        assert ("empty" in item.flags) == (not item.content), item
+    assert any(m.finish_reason == "length" for m in t.messages)  # 16 tokens cut them off
+    q = rec.quality
+    assert q is not None and (q.messages, q.summaries) == (8, 2)
+    assert q.flags.get("truncated", 0) == sum("truncated" in m.flags for m in t.messages)
+    assert q.usable == (not q.reasons)
+    assert report.unusable == (0 if q.usable else 1)
+    print(q.line())  # for the record: what a tiny model's conversation looks like

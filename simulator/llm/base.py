@@ -20,6 +20,9 @@ class Reply:
     completion_tokens: int = 0
     latency: float = 0.0  # seconds, wall time of the successful attempt
     retries: int = 0  # failed attempts before this one (filled in by the retry wrapper)
+    # Why the model stopped, as the provider says it ("stop", "length", ...; None: not
+    # reported). "length" means it hit max_tokens and the text is cut off.
+    finish_reason: str | None = None
 
 
 class ChatModel(Protocol):

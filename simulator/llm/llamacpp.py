@@ -138,4 +138,5 @@ class LlamaCppModel:
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),
             latency=latency,
+            finish_reason=out["choices"][0].get("finish_reason") or None,
         )

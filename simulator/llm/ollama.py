@@ -152,6 +152,7 @@ class OllamaModel:
             prompt_tokens=response.prompt_eval_count or 0,
             completion_tokens=response.eval_count or 0,
             latency=time.perf_counter() - start,
+            finish_reason=response.done_reason or None,
         )
 
     # -- model management -----------------------------------------------------

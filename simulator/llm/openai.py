@@ -190,6 +190,7 @@ class OpenAIModel:
             prompt_tokens=usage.get("prompt_tokens") or 0,
             completion_tokens=usage.get("completion_tokens") or 0,
             latency=latency,
+            finish_reason=choices[0].get("finish_reason") or None,
         )
 
     def list_models(self) -> list[str]:

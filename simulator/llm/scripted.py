@@ -110,6 +110,7 @@ class ScriptedModel:
             prompt_tokens=prompt_tokens,
             completion_tokens=len(text.split()),
             latency=time.perf_counter() - started,
+            finish_reason="stop",
         )
 
     def _generate(self, messages: list[ChatMessage]) -> str:
