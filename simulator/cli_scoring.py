@@ -95,7 +95,7 @@ def run_scorers(
     """Score and print the report (shared by `score` and `run --score`)."""
     from rich.progress import Progress
 
-    from simulator.llm.retry import RetryPolicy
+    from simulator.runner import retry_policy
     from simulator.scoring.definition import choose, load_scorers_file
     from simulator.scoring.run import ScoreOptions, ScoreProgress, ScoringRun, plan, scorers_for
     from simulator.settings import load_settings
@@ -128,12 +128,7 @@ def run_scorers(
         options = ScoreOptions(
             concurrency=concurrency or settings.concurrency,
             max_failures=max_failures,
-            retry=RetryPolicy(
-                attempts=settings.retry_attempts,
-                base_delay=settings.retry_base_delay,
-                max_delay=settings.retry_max_delay,
-                timeout=settings.request_timeout,
-            ),
+            retry=retry_policy(settings),
             on_progress=on_progress,
         )
         items, already = plan(store, exp, records, scorers)

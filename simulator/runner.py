@@ -115,6 +115,16 @@ class RunOptions:
     usable_rule: UsableRule = field(default_factory=UsableRule)  # SIMULATOR_USABLE_MAX_*
 
 
+def retry_policy(settings: Settings) -> RetryPolicy:
+    """The retry settings of every LLM call (batches and scoring alike)."""
+    return RetryPolicy(
+        attempts=settings.retry_attempts,
+        base_delay=settings.retry_base_delay,
+        max_delay=settings.retry_max_delay,
+        timeout=settings.request_timeout,
+    )
+
+
 def options_from_settings(
     settings: Settings,
     *,
@@ -135,12 +145,7 @@ def options_from_settings(
     return RunOptions(
         concurrency=concurrency,
         max_failures=max_failures,
-        retry=RetryPolicy(
-            attempts=settings.retry_attempts,
-            base_delay=settings.retry_base_delay,
-            max_delay=settings.retry_max_delay,
-            timeout=settings.request_timeout,
-        ),
+        retry=retry_policy(settings),
         manual=manual,
         on_warning=on_warning,
         templates=prompts.Templates.load(settings.prompts_dir),  # read once per batch
