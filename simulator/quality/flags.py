@@ -103,11 +103,8 @@ def message_flags(
     `content` is the cleaned reply; `seen` the `normalized()` contents of the
     conversation's earlier messages (every day, not only this one).
     """
-    flags = []
-    if truncated(finish_reason):
-        flags.append(TRUNCATED)
-    if not content.strip():
-        flags.append(EMPTY)
+    flags = summary_flags(content, finish_reason)  # truncated, empty
+    if EMPTY in flags:
         return flags
     if speaks_as_other(content, speaker, other_names, role_names):
         flags.append(ROLE_BREAK)
