@@ -118,6 +118,11 @@ class Lease:
     lost: threading.Event = field(default_factory=threading.Event)
     released: threading.Event = field(default_factory=threading.Event)
     taken_by: LeaseHolder | None = None  # who holds the batch now, when lost
+    # False once a write's effect on the batch's running totals is uncertain (a write or
+    # its $inc raised): the totals are then recounted rather than trusted after the run.
+    tally_ok: bool = True
+    writing: int = 0  # tallied writes in flight (see Store._tallying)
+    writing_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def held(self) -> bool:
@@ -159,6 +164,7 @@ class BatchRecord:
     # recorded. Filled by get_batch / latest_batch / Store.fill_liveness.
     holder: LeaseHolder | None = None
     runner_alive: bool | None = None
+    tally: BatchTally | None = None  # the running totals stored on the batch (see Store.progress)
 
     @property
     def stopped_unexpectedly(self) -> bool:
@@ -183,6 +189,20 @@ class BatchTotals:
     retries: int = 0
     calls: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class BatchTally:
+    """Conversations by status and the totals of a batch, as kept on the batch document.
+
+    `owner` says when they can be trusted: `released` (the last run ended cleanly), a
+    runner's lease token (that run keeps them up to date), `checked:<token>` (recounted after
+    that runner died). Anything else, or none, means they are recounted.
+    """
+
+    counts: dict[str, int] = field(default_factory=dict)
+    totals: BatchTotals = field(default_factory=BatchTotals)
+    owner: str = ""
 
 
 @dataclass
@@ -265,6 +285,7 @@ class Store:
         self.messages = db["messages"]
         self.summaries = db["summaries"]
         self.selector_calls = db["selector_calls"]
+        self._leases: dict[str, Lease] = {}  # batches this Store runs now, by id
 
     @classmethod
     def open(cls, db: Database, user: str) -> Store:
@@ -665,6 +686,7 @@ class Store:
             seconds=seconds,
         )
         self._claim(lease)
+        self._leases[batch_id] = lease
         mine = {"_id": batch_id, "runner.token": lease.token}
         stop = threading.Event()
         lock = threading.Lock()
@@ -700,15 +722,23 @@ class Store:
             stop.set()
             lease.released.set()  # abandoned conversation threads write nothing from now on
             heart.join(5)
+            self._leases.pop(batch_id, None)
+            with lease.writing_lock:
+                if lease.writing:  # a write still in flight may land uncounted
+                    lease.tally_ok = False
             with lock:
                 try:
-                    self.batches.update_one(
-                        mine,
-                        {
-                            "$unset": {"runner": ""},
-                            "$inc": {"elapsed": time.monotonic() - counted[0]},
-                        },
-                    )
+                    release: dict[str, Any] = {
+                        "$unset": {"runner": ""},
+                        "$inc": {"elapsed": time.monotonic() - counted[0]},
+                    }
+                    # The totals stay trusted only when every write of this run added to them.
+                    done = lease.tally_ok and self.batches.update_one(
+                        {**mine, "tally.owner": lease.token},
+                        {**release, "$set": {"tally.owner": TALLY_RELEASED}},
+                    ).matched_count
+                    if not done:
+                        self.batches.update_one(mine, release)
                 except PyMongoError:
                     pass  # unreleased, it expires; a dead pid on this host frees it at once
 
@@ -717,7 +747,10 @@ class Store:
         judged by the server's clock."""
         rows = list(
             self.batches.aggregate(
-                [{"$match": {"_id": lease.batch_id}}, {"$project": {"runner": 1, "now": "$$NOW"}}]
+                [
+                    {"$match": {"_id": lease.batch_id}},
+                    {"$project": {"runner": 1, "tally.owner": 1, "now": "$$NOW"}},
+                ]
             )
         )
         if not rows:
@@ -735,12 +768,25 @@ class Store:
             "seconds": lease.seconds,
             "heartbeat": server_now,
         }
-        claimed = self.batches.update_one(
-            {"_id": lease.batch_id, "runner": held}, {"$set": {"runner": runner}}
-        )
+        owner = (rows[0].get("tally") or {}).get("owner")
+        # Totals exact as the last run left them carry over; otherwise they are recounted
+        # (the previous runner was killed between a write and its count, or none are kept).
+        kept = owner is not None and _tally_trusted(owner, holder, alive=False)
+        query: dict[str, Any] = {"_id": lease.batch_id, "runner": held}
+        claim: dict[str, Any] = {"runner": runner}
+        if kept:
+            query["tally.owner"] = owner
+            claim["tally.owner"] = lease.token
+        claimed = self.batches.update_one(query, {"$set": claim})
         if claimed.matched_count == 0:  # another process claimed it in between
             doc = self.batches.find_one({"_id": lease.batch_id}, {"runner": 1}) or {}
             raise _busy(lease.batch_id, _holder(doc.get("runner")))
+        if not kept:
+            tally = self._recount(lease.batch_id)
+            self.batches.update_one(
+                {"_id": lease.batch_id, "runner.token": lease.token},
+                {"$set": {"tally": _tally_doc(tally, lease.token)}},
+            )
 
     def set_batch_status(
         self,
@@ -784,18 +830,26 @@ class Store:
                 self._conversation_doc(batch, exp, index, spec, agents, summarizer_prompt)
             )
             if len(buffer) >= chunk:
-                self._insert_ignoring_duplicates(buffer)
+                self._insert_counted(batch.id, buffer)
                 buffer = []
         if buffer:
-            self._insert_ignoring_duplicates(buffer)
+            self._insert_counted(batch.id, buffer)
         self.batches.update_one({"_id": batch.id}, {"$set": {"prepared": True, "status": "ready"}})
 
-    def _insert_ignoring_duplicates(self, docs: list[dict]) -> None:
+    def _insert_counted(self, batch_id: str, docs: list[dict]) -> None:
+        with self._tallying(batch_id, None) as held:
+            n = self._insert_ignoring_duplicates(docs)
+            if held is not None:
+                self._tally_add(held, {f"counts.{ConversationStatus.PENDING.value}": n})
+
+    def _insert_ignoring_duplicates(self, docs: list[dict]) -> int:
+        """Insert what is not stored yet; returns how many were inserted."""
         try:
-            self.conversations.insert_many(docs, ordered=False)
+            return len(self.conversations.insert_many(docs, ordered=False).inserted_ids)
         except BulkWriteError as e:
             if any(err.get("code") != 11000 for err in e.details.get("writeErrors", [])):
                 raise
+            return int(e.details.get("nInserted", 0))
 
     def _conversation_doc(
         self,
@@ -911,6 +965,84 @@ class Store:
                 {"batch_id": batch_id, "status": "failed"}, {"error": 1}
             )
         ]
+
+    # --- running totals of a batch ----------------------------------------------------------
+    # `status` shows them from the batch document instead of counting every conversation and
+    # message. Every write of a run adds to them ($inc) while its lease holds them; a write
+    # made without the batch's lease marks them stale; a run killed between a write and its
+    # count leaves them untrusted. Untrusted totals are recounted (and stored again).
+
+    def batch_progress(self, batch: BatchRecord) -> BatchTally:
+        """Conversations by status and the totals of a batch (failures included)."""
+        t = batch.tally
+        holder = batch.holder
+        if t is not None and _tally_trusted(t.owner, holder, alive=batch.runner_alive is True):
+            tally = BatchTally(dict(t.counts), dataclasses.replace(t.totals), t.owner)
+            tally.totals.failures = self.batch_failures(batch.id) if t.counts.get("failed") else []
+            return tally
+        tally = self._recount(batch.id)
+        tally.totals.failures = self.batch_failures(batch.id)
+        query: dict[str, Any] | None = None
+        if holder is None and batch.status.finished:
+            query = {"_id": batch.id, "runner": {"$exists": False}}
+            tally.owner = TALLY_RELEASED
+        elif holder is not None and batch.runner_alive is False and holder.token:
+            query = {"_id": batch.id, "runner.token": holder.token}
+            tally.owner = f"{TALLY_CHECKED}{holder.token}"
+        if query is not None:
+            query["tally.owner"] = t.owner if t is not None else {"$exists": False}
+            self.batches.update_one(query, {"$set": {"tally": _tally_doc(tally, tally.owner)}})
+        return tally
+
+    def _recount(self, batch_id: str) -> BatchTally:
+        counts = self.batch_counts(batch_id)
+        totals = self.batch_totals(batch_id)
+        totals.failures = []
+        return BatchTally(counts, totals)
+
+    def _batch_of(self, conv_id: str, lease: Lease | None) -> str | None:
+        if lease is not None:
+            return lease.batch_id
+        doc = self.conversations.find_one({"_id": conv_id}, {"batch_id": 1})
+        return doc.get("batch_id") if doc else None
+
+    @contextmanager
+    def _tallying(self, batch_id: str | None, lease: Lease | None) -> Iterator[Lease | None]:
+        """Around a write that changes a batch's totals: yields the lease whose totals it
+        adds to, or None (the totals are marked stale first). A write that fails, or is
+        still in flight when the run ends, leaves the totals to be recounted."""
+        if not batch_id:
+            yield None
+            return
+        held = lease if lease is not None else self._leases.get(batch_id)
+        if held is None or held.batch_id != batch_id:
+            self._tally_stale(batch_id)
+            yield None
+            return
+        with held.writing_lock:
+            held.writing += 1
+        try:
+            yield held
+        except LeaseLost:
+            raise  # refused before anything was written
+        except BaseException:
+            held.tally_ok = False
+            raise
+        finally:
+            with held.writing_lock:
+                held.writing -= 1
+
+    def _tally_add(self, lease: Lease, inc: dict[str, int]) -> None:
+        changes = {f"tally.{k}": v for k, v in inc.items() if v}
+        if changes:
+            self.batches.update_one(
+                {"_id": lease.batch_id, "tally.owner": lease.token}, {"$inc": changes}
+            )
+
+    def _tally_stale(self, batch_id: str) -> None:
+        self.batches.update_one(
+            {"_id": batch_id, "tally": {"$exists": True}}, {"$unset": {"tally": ""}}
+        )
 
     # --- conversations --------------------------------------------------------------------
 
@@ -1032,7 +1164,13 @@ class Store:
             lease.check()
             query["status"] = {"$in": [s.value for s in UNFINISHED]}
             changes["lease"] = lease.token
-        return self.conversations.update_one(query, {"$set": changes}).matched_count == 1
+        with self._tallying(self._batch_of(conv_id, lease), lease) as held:
+            before = self.conversations.find_one_and_update(
+                query, {"$set": changes}, {"status": 1}
+            )
+            if before is not None and held is not None:
+                self._tally_add(held, _moved(before.get("status"), ConversationStatus.RUNNING))
+        return before is not None
 
     def finish_conversation(
         self,
@@ -1062,7 +1200,13 @@ class Store:
         if lease is not None:
             lease.check()
             query.update(status=ConversationStatus.RUNNING.value, lease=lease.token)
-        return self.conversations.update_one(query, update).matched_count == 1
+        with self._tallying(self._batch_of(conv_id, lease), lease) as held:
+            before = self.conversations.find_one_and_update(query, update, {"status": 1})
+            if before is not None and held is not None:
+                inc = _moved(before.get("status"), status)
+                inc["retries"] = failed_call_retries
+                self._tally_add(held, inc)
+        return before is not None
 
     def mark_interrupted(self, batch_id: str, lease: Lease | None = None) -> int:
         """Running conversations of a stopped batch become `interrupted` (resume picks them
@@ -1071,9 +1215,15 @@ class Store:
         if lease is not None:
             lease.check()
             query["lease"] = lease.token
-        return self.conversations.update_many(
-            query, {"$set": {"status": ConversationStatus.INTERRUPTED.value}}
-        ).modified_count
+        with self._tallying(batch_id, lease) as held:
+            n = self.conversations.update_many(
+                query, {"$set": {"status": ConversationStatus.INTERRUPTED.value}}
+            ).modified_count
+            if held is not None:
+                self._tally_add(
+                    held, _moved(ConversationStatus.RUNNING, ConversationStatus.INTERRUPTED, n)
+                )
+        return n
 
     def set_conversation_favourite(self, ref: str, favourite: bool) -> None:
         """Star (or unstar) a conversation for the current user; anyone's conversation."""
@@ -1081,13 +1231,15 @@ class Store:
         self._star(self.conversations, doc, favourite)
 
     def delete_conversation(self, ref: str) -> Deleted:
-        doc = self._resolve(self.conversations, ref, "conversation", {"creator": 1})
+        doc = self._resolve(self.conversations, ref, "conversation", {"creator": 1, "batch_id": 1})
         if doc.get("creator") != self.user:
             raise PermissionDenied(
                 f"Only {doc.get('creator')!s}, who created conversation {doc['_id']}, can "
                 f"delete it; you are {self.user}. Ask them to delete it if it should go."
             )
         deleted = Deleted()
+        if doc.get("batch_id"):
+            self._tally_stale(doc["batch_id"])  # recounted when next shown
         self._delete_conversation_data([doc["_id"]], deleted)
         return deleted
 
@@ -1181,14 +1333,36 @@ class Store:
         regenerating what is stored, or two runs writing one conversation).
         """
         conv_id = doc["conversation_id"]
-        if lease is not None:
-            lease.check()
+        with self._tallying(doc.get("batch_id"), lease) as held:
+            if lease is not None:
+                lease.check()
+            try:
+                self._insert_record(collection, doc, key=key, same=same, what=what)
+            except _AlreadyStored:
+                return  # a retried write whose first attempt landed: counted then, or recounted
+            if held is not None:
+                inc = _usage_inc(doc.get("usage"))
+                if collection is self.messages:
+                    inc["messages"] = 1
+                self._tally_add(held, inc)
+
+    def _insert_record(
+        self,
+        collection: pymongo.collection.Collection,
+        doc: dict,
+        *,
+        key: tuple[str, ...],
+        same: tuple[str, ...],
+        what: str,
+    ) -> None:
+        """Insert; a duplicate of this very record is no error (and raises _AlreadyStored)."""
+        conv_id = doc["conversation_id"]
         try:
             collection.insert_one(doc)
         except DuplicateKeyError:
             stored = collection.find_one({"conversation_id": conv_id, **{k: doc[k] for k in key}})
             if stored is not None and all(stored.get(f) == doc.get(f) for f in same):
-                return
+                raise _AlreadyStored() from None
             raise LeaseLost(
                 f"Conversation {conv_id} already has a different {what} stored (another run "
                 f"wrote it), so this run stopped writing to it. Nothing stored was changed; "
@@ -1227,7 +1401,10 @@ class Store:
         spoken = {(m.day, m.turn) for m in t.messages}
         for d in self.selector_calls.find(query).sort([("day", 1), ("turn", 1), ("attempt", 1)]):
             if discard_partial and (d["day"], d["turn"]) not in spoken:
-                self.selector_calls.delete_one({"_id": d["_id"]})
+                with self._tallying(d.get("batch_id"), None) as held:
+                    if self.selector_calls.delete_one({"_id": d["_id"]}).deleted_count:
+                        if held is not None:
+                            self._tally_add(held, _usage_inc(d.get("usage"), -1))
                 continue
             t.selector_calls.append(
                 SelectorCall(
@@ -1267,6 +1444,53 @@ class Store:
         if note:
             changes["note"] = note
         self.db[kind].update_one({"_id": our_id}, {"$set": changes})
+
+
+TALLY_RELEASED = "released"
+TALLY_CHECKED = "checked:"
+_TALLY_USAGE = ("prompt_tokens", "completion_tokens", "retries", "calls")
+
+
+class _AlreadyStored(Exception):
+    """The record being inserted is stored already (a retried write that did land)."""
+
+
+def _tally_trusted(owner: str, holder: LeaseHolder | None, *, alive: bool) -> bool:
+    """Whether totals kept by `owner` are exact, given who holds the batch now."""
+    if holder is None:
+        return owner == TALLY_RELEASED
+    if alive:
+        return owner == holder.token
+    return owner == f"{TALLY_CHECKED}{holder.token}"
+
+
+def _tally_doc(tally: BatchTally, owner: str) -> dict[str, Any]:
+    doc: dict[str, Any] = {"owner": owner, "counts": dict(tally.counts)}
+    doc["messages"] = tally.totals.messages
+    for k in _TALLY_USAGE:
+        doc[k] = getattr(tally.totals, k)
+    return doc
+
+
+def _tally(doc: Any) -> BatchTally | None:
+    if not isinstance(doc, dict) or not doc.get("owner"):
+        return None
+    totals = BatchTotals(messages=int(doc.get("messages") or 0))
+    for k in _TALLY_USAGE:
+        setattr(totals, k, int(doc.get(k) or 0))
+    counts = {str(k): int(v) for k, v in (doc.get("counts") or {}).items() if v}
+    return BatchTally(counts, totals, str(doc["owner"]))
+
+
+def _usage_inc(usage: Any, sign: int = 1) -> dict[str, int]:
+    usage = usage if isinstance(usage, dict) else {}
+    return {k: sign * int(usage.get(k) or 0) for k in _TALLY_USAGE}
+
+
+def _moved(before: Any, after: Any, n: int = 1) -> dict[str, int]:
+    """Counts change when `n` conversations go from status `before` to `after`."""
+    before, after = str(before), str(after)
+    return {} if before == after else {f"counts.{before}": -n, f"counts.{after}": n}
 
 
 def _utc(moment: datetime) -> datetime:
@@ -1475,6 +1699,7 @@ def _batch(doc: dict) -> BatchRecord:
         error=doc.get("error"),
         elapsed=float(doc.get("elapsed") or 0.0),
         holder=_holder(doc.get("runner")),
+        tally=_tally(doc.get("tally")),
     )
 
 
