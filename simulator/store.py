@@ -9,6 +9,7 @@ index), so repeating a write can neither lose nor duplicate anything.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import re
 import secrets
@@ -489,17 +490,28 @@ class Store:
         doc = self._resolve(self.experiments, ref, "experiment")
         self._check_owner(doc, "experiment", "delete")
         others: dict[str, int] = {}
-        for row in self.conversations.aggregate(
-            [
-                {"$match": {"experiment_id": doc["_id"], "creator": {"$ne": self.user}}},
-                {"$group": {"_id": "$creator", "n": {"$sum": 1}}},
-            ]
-        ):
-            others[str(row["_id"])] = row["n"]
-        for b in self.batches.find(
-            {"experiment_id": doc["_id"], "creator": {"$ne": self.user}}, {"creator": 1}
-        ):
-            others.setdefault(str(b.get("creator")), 0)
+        batches = list(
+            self.batches.find(
+                {"experiment_id": doc["_id"]},
+                {"creator": 1, "legacy_id": 1, "total": 1, "tally.counts": 1},
+            )
+        )
+        # A run's conversations are its batch creator's; only imported batches and
+        # conversations without a batch can hold someone else's: those are counted one by one.
+        mixed: list[dict[str, Any]] = [{"batch_id": None, "experiment_id": doc["_id"]}]
+        mixed += [{"batch_id": b["_id"]} for b in batches if "legacy_id" in b]
+        for match in mixed:
+            for row in self.conversations.aggregate(
+                [
+                    {"$match": {**match, "creator": {"$ne": self.user}}},
+                    {"$group": {"_id": "$creator", "n": {"$sum": 1}}},
+                ]
+            ):
+                others[str(row["_id"])] = others.get(str(row["_id"]), 0) + row["n"]
+        for b in batches:
+            if b.get("creator") != self.user:
+                who = str(b.get("creator"))
+                others[who] = others.get(who, 0) + (0 if "legacy_id" in b else _batch_size(b))
         if others:
             whose = ", ".join(
                 f"{who} ({plural(n, 'conversation')})" if n else f"{who} (a batch)"
@@ -511,10 +523,11 @@ class Store:
                 "delete their conversations first, or keep the experiment (mark it with "
                 "`simulator experiment note`)."
             )
+        loose = self.conversations.count_documents({"batch_id": None, "experiment_id": doc["_id"]})
         return DeletePlan(
             experiment=self._experiment(doc),
-            batches=self.batches.count_documents({"experiment_id": doc["_id"]}),
-            conversations=self.conversations.count_documents({"experiment_id": doc["_id"]}),
+            batches=len(batches),
+            conversations=loose + sum(_batch_size(b) for b in batches),
         )
 
     def delete_experiment(
@@ -536,11 +549,11 @@ class Store:
         mine = {"experiment_id": exp_id, "creator": self.user}
         for batch in list(self.batches.find(mine, {"_id": 1})):
             # Records carry their batch id: one delete per collection, no list of ids.
-            n = self.conversations.count_documents({"batch_id": batch["_id"]})
             self._delete_records(deleted, {"batch_id": batch["_id"]})
-            deleted.conversations += self.conversations.delete_many(
+            n = self.conversations.delete_many(
                 {"batch_id": batch["_id"], "creator": self.user}
             ).deleted_count
+            deleted.conversations += n
             deleted.batches += self.batches.delete_one({"_id": batch["_id"]}).deleted_count
             done += n
             report(min(done, total), total)
@@ -1060,23 +1073,35 @@ class Store:
         where: dict[str, str] | None = None,
         limit: int = 0,
         prompts: bool = False,
+        message_counts: bool = True,
     ) -> list[ConversationRecord]:
-        """Conversations in creation order, with their stored message counts (0: no limit).
+        """Conversations in creation order, with their stored message counts (0: no limit;
+        `message_counts=False` leaves them 0, which saves reading every message).
 
         `where` filters by condition (see CONVERSATION_FILTERS), e.g. {"llm": "llama3",
         "agents_guard": "2", "status": "failed"}. Without `prompts` the records leave out the
         composed prompts (agents' system prompts and the summarizer's): a listing does not
         need them, and they are most of a conversation's size.
         """
-        query: dict[str, Any] = conversation_filter(where or {})
-        if experiment_id:
-            query["experiment_id"] = experiment_id
-        if batch_id:
-            query["batch_id"] = batch_id
+        conditions = conversation_filter(where or {})
         projection = None if prompts else {"agents.system_prompt": 0, "summarizer_prompt": 0}
-        cursor = self.conversations.find(query, projection).sort([("created_at", 1), ("index", 1)])
-        docs = list(cursor.limit(limit))
-        counts = self._message_counts(docs)
+        if limit:
+            docs = list(
+                itertools.islice(
+                    self._conversation_pages(experiment_id, batch_id, conditions, projection),
+                    limit,
+                )
+            )
+        else:
+            query: dict[str, Any] = dict(conditions)
+            if experiment_id:
+                query["experiment_id"] = experiment_id
+            if batch_id:
+                query["batch_id"] = batch_id
+            # Sorted here: the embedded server sorts thousands of documents slowly.
+            docs = list(self.conversations.find(query, projection))
+            docs.sort(key=lambda d: (d["created_at"], d.get("index", 0)))
+        counts = self._message_counts(docs) if message_counts else {}
         out = []
         for d in docs:
             rec = _conversation(d)
@@ -1084,10 +1109,52 @@ class Store:
             out.append(rec)
         return out
 
+    def _conversation_pages(
+        self,
+        experiment_id: str | None,
+        batch_id: str | None,
+        conditions: dict[str, Any],
+        projection: dict[str, Any] | None,
+        page: int = 200,
+    ) -> Iterator[dict]:
+        """Conversations in creation order, read a range of grid indexes at a time: the
+        first few cost a few documents, not the experiment's thousands (the embedded server
+        reads every document a query's index range holds, whatever the limit). Conditions
+        are checked here, so that the (batch, index) range is what the server looks up."""
+        if batch_id:
+            batches = [batch_id]
+        else:
+            # Conversations without a batch (older imports) come first: they are older.
+            loose = self.conversations.find(
+                {"batch_id": None, "experiment_id": experiment_id, **conditions}, projection
+            )
+            yield from sorted(loose, key=lambda d: (d["created_at"], d.get("index", 0)))
+            batches = [
+                b["_id"]
+                for b in self.batches.find({"experiment_id": experiment_id}, {"created_at": 1})
+                .sort("created_at", 1)
+            ]
+        for b in batches:
+            start = 0
+            while True:
+                docs = list(
+                    self.conversations.find(
+                        {"batch_id": b, "index": {"$gte": start, "$lt": start + page}}, projection
+                    ).sort("index", 1)
+                )
+                if experiment_id:
+                    docs = [d for d in docs if d.get("experiment_id") == experiment_id]
+                yield from (d for d in docs if _matches(d, conditions))
+                if not docs and not self.conversations.count_documents(
+                    {"batch_id": b, "index": {"$gte": start}}, limit=1
+                ):
+                    break
+                start += page
+
     def _message_counts(self, docs: list[dict]) -> dict[str, int]:
         """Stored messages per conversation, for these conversation documents.
 
-        A few conversations: matched by id. Many: counted over their whole batches, matched by
+        Up to 200 conversations: matched by id. More: counted over their whole batches, matched by
         the batch id every message carries (a list of thousands of ids is slow to match).
         """
         if not docs:
@@ -1095,8 +1162,10 @@ class Store:
         wanted = {d["_id"] for d in docs}
         batch_ids = {d.get("batch_id") for d in docs}
         groups: list[dict[str, Any]]
-        if len(docs) <= 50 or None in batch_ids:
-            groups = [{"conversation_id": {"$in": sorted(wanted)}}]
+        if len(docs) <= 200 or None in batch_ids:
+            # In lists of 50: the embedded server matches a list in time growing with its square.
+            ids = sorted(wanted)
+            groups = [{"conversation_id": {"$in": ids[i : i + 50]}} for i in range(0, len(ids), 50)]
         else:
             groups = [{"batch_id": b} for b in sorted(str(b) for b in batch_ids)]
         counts: dict[str, int] = {}
@@ -1111,18 +1180,59 @@ class Store:
     def transcripts(
         self, records: Iterable[ConversationRecord], chunk: int = 50
     ) -> Iterator[tuple[ConversationRecord, Transcript]]:
-        """Each record with its stored transcript, in the records' order: three queries per
-        `chunk` conversations (not per conversation), and one chunk in memory at a time.
-        (SecantusDB matches a `$in` list in time growing with its square: 50 ids take
-        30 ms, 1,000 take 6 s.)"""
-        batch: list[ConversationRecord] = []
+        """Each record with its stored transcript, a batch at a time.
+
+        Many conversations of one batch (more than `chunk`) are read whole, four queries for
+        the batch, sorted by conversation so that one conversation at a time is in memory;
+        they come in the order of their ids. Others come in the records' order, three
+        queries per `chunk` conversations. (SecantusDB matches a `$in` list in time growing
+        with its square: 50 ids take 30 ms, 1,000 take 6 s.)"""
+        records = list(records)
+        by_batch: dict[str | None, list[ConversationRecord]] = {}
         for rec in records:
+            by_batch.setdefault(rec.batch_id, []).append(rec)
+        whole = {b for b, recs in by_batch.items() if b is not None and len(recs) > chunk}
+        for b in whole:
+            yield from self._batch_transcripts(b, {r.id: r for r in by_batch[b]})
+        batch: list[ConversationRecord] = []
+        for rec in (r for r in records if r.batch_id not in whole):
             batch.append(rec)
             if len(batch) >= chunk:
                 yield from self._transcripts(batch)
                 batch = []
         if batch:
             yield from self._transcripts(batch)
+
+    def _batch_transcripts(
+        self, batch_id: str, wanted: dict[str, ConversationRecord]
+    ) -> Iterator[tuple[ConversationRecord, Transcript]]:
+        """Three queries for the whole batch, unsorted: the embedded server sorts 40,000
+        records in about twice the time it takes to read them, so they are grouped here (one
+        batch's records in memory at a time; an export of several batches reads one after
+        the other)."""
+        query = {"batch_id": batch_id}
+        skip = {"_id": 0, "batch_id": 0, "created_at": 0}
+        found: dict[str, Transcript] = {conv_id: Transcript() for conv_id in wanted}
+        for d in self.messages.find(query, skip):
+            if (t := found.get(d["conversation_id"])) is not None:
+                t.messages.append(_message(d))
+        for d in self.summaries.find(query, skip):
+            if (t := found.get(d["conversation_id"])) is not None:
+                t.summaries.append(Summary(d["day"], d["content"], _usage(d.get("usage"))))
+        calls = [d for d in self.selector_calls.find(query, skip) if d["conversation_id"] in found]
+        calls.sort(key=lambda d: (d["day"], d["turn"], d.get("attempt", 0)))
+        for d in calls:
+            found[d["conversation_id"]].selector_calls.append(
+                SelectorCall(
+                    d["day"], d["turn"], d["answer"], d.get("chosen"), _usage(d.get("usage"))
+                )
+            )
+        for conv_id in sorted(wanted):
+            t = found.pop(conv_id)
+            t.messages.sort(key=lambda m: (m.day, m.turn))
+            t.summaries.sort(key=lambda s: s.day)
+            t.fallbacks = count_fallbacks(t.selector_calls)
+            yield wanted[conv_id], t
 
     def _transcripts(
         self, records: list[ConversationRecord]
@@ -1493,6 +1603,12 @@ def _moved(before: Any, after: Any, n: int = 1) -> dict[str, int]:
     return {} if before == after else {f"counts.{before}": -n, f"counts.{after}": n}
 
 
+def _batch_size(doc: dict) -> int:
+    """Conversations a batch holds: as its kept totals count them, else its grid's size."""
+    counts = (doc.get("tally") or {}).get("counts")
+    return sum(counts.values()) if counts else int(doc.get("total") or 0)
+
+
 def _utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
 
@@ -1601,6 +1717,21 @@ def conversation_filter(where: dict[str, str]) -> dict[str, Any]:
         else:
             query[field] = value
     return query
+
+
+def _matches(doc: dict, query: dict[str, Any]) -> bool:
+    """Whether a document meets a conversation_filter query (equalities and one `$or`)."""
+    for key, wanted in query.items():
+        if key == "$or":
+            if not any(_matches(doc, q) for q in wanted):
+                return False
+            continue
+        value: Any = doc
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value != wanted:
+            return False
+    return True
 
 
 def parse_where(items: Iterable[str]) -> dict[str, str]:
