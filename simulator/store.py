@@ -278,15 +278,28 @@ class Store:
     """
 
     def __init__(self, db: Database, user: str):
-        self.db = db
+        self._db = db
         self.user = user
-        self.experiments = db["experiments"]
-        self.batches = db["batches"]
-        self.conversations = db["conversations"]
-        self.messages = db["messages"]
-        self.summaries = db["summaries"]
-        self.selector_calls = db["selector_calls"]
+        self._experiments = db["experiments"]
+        self._batches = db["batches"]
+        self._conversations = db["conversations"]
+        self._messages = db["messages"]
+        self._summaries = db["summaries"]
+        self._selector_calls = db["selector_calls"]
         self._leases: dict[str, Lease] = {}  # batches this Store runs now, by id
+
+    def as_user(self, user: str) -> Store:
+        """The same database, with `user` as the creator of what it inserts (an importer
+        keeps the creators of the records it copies)."""
+        return Store(self._db, user)
+
+    def server_client(self) -> pymongo.MongoClient:
+        """The client of the store's server, to read another database on it (import-legacy)."""
+        return self._db.client
+
+    def is_own_database(self, other: Database) -> bool:
+        """Whether `other` is the very database this store writes to."""
+        return other.name == self._db.name and other.client.address == self._db.client.address
 
     @classmethod
     def open(cls, db: Database, user: str) -> Store:
@@ -297,24 +310,24 @@ class Store:
 
     def ensure_indexes(self) -> None:
         try:
-            self.messages.create_index(
+            self._messages.create_index(
                 [("conversation_id", 1), ("day", 1), ("turn", 1)], unique=True
             )
-            self.summaries.create_index([("conversation_id", 1), ("day", 1)], unique=True)
-            self.selector_calls.create_index(
+            self._summaries.create_index([("conversation_id", 1), ("day", 1)], unique=True)
+            self._selector_calls.create_index(
                 [("conversation_id", 1), ("day", 1), ("turn", 1), ("attempt", 1)], unique=True
             )
-            for coll in (self.messages, self.summaries, self.selector_calls):
+            for coll in (self._messages, self._summaries, self._selector_calls):
                 coll.create_index([("batch_id", 1)])
-            self.conversations.create_index([("batch_id", 1), ("index", 1)], unique=True)
+            self._conversations.create_index([("batch_id", 1), ("index", 1)], unique=True)
             # listings sort an experiment's or a batch's conversations by (created_at, index)
-            self.conversations.create_index([("experiment_id", 1), ("created_at", 1), ("index", 1)])
-            self.conversations.create_index([("batch_id", 1), ("created_at", 1), ("index", 1)])
-            self.conversations.create_index([("batch_id", 1), ("status", 1)])
-            self.batches.create_index([("experiment_id", 1)])
-            self.batches.create_index([("creator", 1), ("created_at", -1)])
-            self.batches.create_index([("created_at", -1)])
-            self.experiments.create_index([("creator", 1), ("name", 1)])
+            self._conversations.create_index([("experiment_id", 1), ("created_at", 1), ("index", 1)])
+            self._conversations.create_index([("batch_id", 1), ("created_at", 1), ("index", 1)])
+            self._conversations.create_index([("batch_id", 1), ("status", 1)])
+            self._batches.create_index([("experiment_id", 1)])
+            self._batches.create_index([("creator", 1), ("created_at", -1)])
+            self._batches.create_index([("created_at", -1)])
+            self._experiments.create_index([("creator", 1), ("name", 1)])
         except PyMongoError as e:
             raise StorageError(f"Could not prepare the database: {e}") from e
 
@@ -385,11 +398,11 @@ class Store:
             "parent_id": parent_id,
             "definition": _definition(exp),
         }
-        self.experiments.insert_one(doc)
+        self._experiments.insert_one(doc)
         return self._experiment(doc)
 
     def get_experiment(self, ref: str) -> Experiment:
-        return self._experiment(self._resolve(self.experiments, ref, "experiment"))
+        return self._experiment(self._resolve(self._experiments, ref, "experiment"))
 
     def find_experiment_or_batch(self, ref: str) -> tuple[str, Experiment, str | None]:
         """What `ref` names: an experiment (id prefix or name) or a batch (id prefix).
@@ -410,7 +423,7 @@ class Store:
             except NotFoundError as e:
                 problems.append(e)
         named = list(
-            self.experiments.find({"name": ref}, {"creator": 1, "created_at": 1}).limit(50)
+            self._experiments.find({"name": ref}, {"creator": 1, "created_at": 1}).limit(50)
         )
         if named:
             named.sort(key=lambda d: (d.get("creator") == self.user, d["created_at"]), reverse=True)
@@ -440,7 +453,7 @@ class Store:
 
     def find_identical(self, exp: Experiment) -> Experiment | None:
         """The current user's experiment with exactly this definition, if one is stored."""
-        doc = self.experiments.find_one(
+        doc = self._experiments.find_one(
             {"creator": self.user, "name": exp.name, "definition": _definition(exp)},
             sort=[("created_at", -1)],
         )
@@ -452,12 +465,12 @@ class Store:
         if search:
             pattern = {"$regex": re.escape(search), "$options": "i"}
             query["$or"] = [{"name": pattern}, {"note": pattern}, {"creator": pattern}]
-        docs = list(self.experiments.find(query))
+        docs = list(self._experiments.find(query))
         docs.sort(key=lambda d: d["created_at"], reverse=True)
         docs.sort(key=lambda d: self.user not in favourited_by(d))
         counts = {
             row["_id"]: row["n"]
-            for row in self.conversations.aggregate(
+            for row in self._conversations.aggregate(
                 [
                     {"$match": {"experiment_id": {"$in": [d["_id"] for d in docs]}}},
                     {"$group": {"_id": "$experiment_id", "n": {"$sum": 1}}},
@@ -471,14 +484,14 @@ class Store:
 
     def set_favourite(self, ref: str, favourite: bool) -> Experiment:
         """Star (or unstar) an experiment for the current user; anyone's experiment."""
-        doc = self._resolve(self.experiments, ref, "experiment")
-        self._star(self.experiments, doc, favourite)
-        return self._experiment(self.experiments.find_one({"_id": doc["_id"]}) or doc)
+        doc = self._resolve(self._experiments, ref, "experiment")
+        self._star(self._experiments, doc, favourite)
+        return self._experiment(self._experiments.find_one({"_id": doc["_id"]}) or doc)
 
     def _update_experiment(self, ref: str, changes: dict, action: str) -> Experiment:
-        doc = self._resolve(self.experiments, ref, "experiment")
+        doc = self._resolve(self._experiments, ref, "experiment")
         self._check_owner(doc, "experiment", action)
-        self.experiments.update_one({"_id": doc["_id"]}, {"$set": changes})
+        self._experiments.update_one({"_id": doc["_id"]}, {"$set": changes})
         return self._experiment({**doc, **changes})
 
     def delete_plan(self, ref: str) -> DeletePlan:
@@ -487,11 +500,11 @@ class Store:
         Refused (PermissionDenied) unless the user created the experiment and every batch and
         conversation in it: deleting never removes what someone else created.
         """
-        doc = self._resolve(self.experiments, ref, "experiment")
+        doc = self._resolve(self._experiments, ref, "experiment")
         self._check_owner(doc, "experiment", "delete")
         others: dict[str, int] = {}
         batches = list(
-            self.batches.find(
+            self._batches.find(
                 {"experiment_id": doc["_id"]},
                 {"creator": 1, "legacy_id": 1, "total": 1, "tally.counts": 1},
             )
@@ -501,7 +514,7 @@ class Store:
         mixed: list[dict[str, Any]] = [{"batch_id": None, "experiment_id": doc["_id"]}]
         mixed += [{"batch_id": b["_id"]} for b in batches if "legacy_id" in b]
         for match in mixed:
-            for row in self.conversations.aggregate(
+            for row in self._conversations.aggregate(
                 [
                     {"$match": {**match, "creator": {"$ne": self.user}}},
                     {"$group": {"_id": "$creator", "n": {"$sum": 1}}},
@@ -523,7 +536,7 @@ class Store:
                 "delete their conversations first, or keep the experiment (mark it with "
                 "`simulator experiment note`)."
             )
-        loose = self.conversations.count_documents({"batch_id": None, "experiment_id": doc["_id"]})
+        loose = self._conversations.count_documents({"batch_id": None, "experiment_id": doc["_id"]})
         return DeletePlan(
             experiment=self._experiment(doc),
             batches=len(batches),
@@ -547,45 +560,45 @@ class Store:
         report = on_progress or (lambda done, total: None)
         report(0, total)
         mine = {"experiment_id": exp_id, "creator": self.user}
-        for batch in list(self.batches.find(mine, {"_id": 1})):
+        for batch in list(self._batches.find(mine, {"_id": 1})):
             # Records carry their batch id: one delete per collection, no list of ids.
             self._delete_records(deleted, {"batch_id": batch["_id"]})
-            n = self.conversations.delete_many(
+            n = self._conversations.delete_many(
                 {"batch_id": batch["_id"], "creator": self.user}
             ).deleted_count
             deleted.conversations += n
-            deleted.batches += self.batches.delete_one({"_id": batch["_id"]}).deleted_count
+            deleted.batches += self._batches.delete_one({"_id": batch["_id"]}).deleted_count
             done += n
             report(min(done, total), total)
         # Conversations without a batch (older imports): their ids, a page at a time.
         while True:
             page = [
                 d["_id"]
-                for d in self.conversations.find({**mine, "batch_id": None}, {"_id": 1}).limit(500)
+                for d in self._conversations.find({**mine, "batch_id": None}, {"_id": 1}).limit(500)
             ]
             if not page:
                 break
             self._delete_conversation_data(page, deleted)
             done += len(page)
             report(min(done, total), total)
-        if self.conversations.count_documents(
+        if self._conversations.count_documents(
             {"experiment_id": exp_id}, limit=1
-        ) or self.batches.count_documents({"experiment_id": exp_id}, limit=1):
+        ) or self._batches.count_documents({"experiment_id": exp_id}, limit=1):
             # Someone else started a batch on it while it was being deleted: theirs stays.
             self.delete_plan(exp_id or ref)  # names them
-        deleted.experiments = self.experiments.delete_one({"_id": exp_id}).deleted_count
+        deleted.experiments = self._experiments.delete_one({"_id": exp_id}).deleted_count
         return deleted
 
     def _delete_records(self, deleted: Deleted, query: dict[str, Any]) -> None:
         # Children first: an interrupted delete leaves a conversation without some messages
         # rather than messages without a conversation.
-        deleted.messages += self.messages.delete_many(query).deleted_count
-        deleted.summaries += self.summaries.delete_many(query).deleted_count
-        deleted.selector_calls += self.selector_calls.delete_many(query).deleted_count
+        deleted.messages += self._messages.delete_many(query).deleted_count
+        deleted.summaries += self._summaries.delete_many(query).deleted_count
+        deleted.selector_calls += self._selector_calls.delete_many(query).deleted_count
 
     def _delete_conversation_data(self, conv_ids: list[str], deleted: Deleted) -> None:
         self._delete_records(deleted, {"conversation_id": {"$in": conv_ids}})
-        deleted.conversations += self.conversations.delete_many(
+        deleted.conversations += self._conversations.delete_many(
             {"_id": {"$in": conv_ids}}
         ).deleted_count
 
@@ -613,16 +626,16 @@ class Store:
             "creator": self.user,
             "created_at": now(),
         }
-        self.batches.insert_one(doc)
+        self._batches.insert_one(doc)
         return _batch(doc)
 
     def get_batch(self, ref: str) -> BatchRecord:
-        batch = _batch(self._resolve(self.batches, ref, "batch"))
+        batch = _batch(self._resolve(self._batches, ref, "batch"))
         self.fill_liveness([batch])
         return batch
 
     def latest_batch(self) -> BatchRecord | None:
-        doc = self.batches.find_one({"creator": self.user}, sort=[("created_at", -1)])
+        doc = self._batches.find_one({"creator": self.user}, sort=[("created_at", -1)])
         if not doc:
             return None
         batch = _batch(doc)
@@ -638,7 +651,7 @@ class Store:
             query["experiment_id"] = experiment_id
         if creator:
             query["creator"] = creator
-        cursor = self.batches.find(query).sort("created_at", -1).limit(limit)
+        cursor = self._batches.find(query).sort("created_at", -1).limit(limit)
         batches = [_batch(d) for d in cursor]
         self.fill_liveness(batches)
         return batches
@@ -646,13 +659,13 @@ class Store:
     def experiment_names(self, ids: Iterable[str]) -> dict[str, str]:
         """{experiment id: name} of the given experiments (those that exist)."""
         wanted = sorted(set(ids))
-        docs = self.experiments.find({"_id": {"$in": wanted}}, {"name": 1})
+        docs = self._experiments.find({"_id": {"$in": wanted}}, {"name": 1})
         return {d["_id"]: d.get("name") or "" for d in docs}
 
     def server_time(self) -> datetime:
         """The database server's clock (UTC): leases are judged by it, never by ours, so
         runners on hosts whose clocks disagree still agree on who holds a batch."""
-        return _utc(self.db.command("hello")["localTime"])
+        return _utc(self._db.command("hello")["localTime"])
 
     def fill_liveness(self, batches: list[BatchRecord]) -> None:
         """Set `runner_alive` of batches read without it (one server-clock read for all)."""
@@ -711,7 +724,7 @@ class Store:
                 with lock:
                     t = time.monotonic()
                     try:
-                        result = self.batches.update_one(
+                        result = self._batches.update_one(
                             mine,
                             {
                                 "$currentDate": {"runner.heartbeat": True},
@@ -722,7 +735,7 @@ class Store:
                         continue  # the batch's own writes report a lost database
                     counted[0] = t
                 if result.matched_count == 0:
-                    lease._lose(self.batches.find_one({"_id": batch_id}, {"runner": 1}))
+                    lease._lose(self._batches.find_one({"_id": batch_id}, {"runner": 1}))
                     if on_lost is not None:
                         on_lost()
                     return
@@ -746,12 +759,12 @@ class Store:
                         "$inc": {"elapsed": time.monotonic() - counted[0]},
                     }
                     # The totals stay trusted only when every write of this run added to them.
-                    done = lease.tally_ok and self.batches.update_one(
+                    done = lease.tally_ok and self._batches.update_one(
                         {**mine, "tally.owner": lease.token},
                         {**release, "$set": {"tally.owner": TALLY_RELEASED}},
                     ).matched_count
                     if not done:
-                        self.batches.update_one(mine, release)
+                        self._batches.update_one(mine, release)
                 except PyMongoError:
                     pass  # unreleased, it expires; a dead pid on this host frees it at once
 
@@ -759,7 +772,7 @@ class Store:
         """Take the batch if its lease is free: a compare-and-swap on the runner read,
         judged by the server's clock."""
         rows = list(
-            self.batches.aggregate(
+            self._batches.aggregate(
                 [
                     {"$match": {"_id": lease.batch_id}},
                     {"$project": {"runner": 1, "tally.owner": 1, "now": "$$NOW"}},
@@ -790,13 +803,13 @@ class Store:
         if kept:
             query["tally.owner"] = owner
             claim["tally.owner"] = lease.token
-        claimed = self.batches.update_one(query, {"$set": claim})
+        claimed = self._batches.update_one(query, {"$set": claim})
         if claimed.matched_count == 0:  # another process claimed it in between
-            doc = self.batches.find_one({"_id": lease.batch_id}, {"runner": 1}) or {}
+            doc = self._batches.find_one({"_id": lease.batch_id}, {"runner": 1}) or {}
             raise _busy(lease.batch_id, _holder(doc.get("runner")))
         if not kept:
             tally = self._recount(lease.batch_id)
-            self.batches.update_one(
+            self._batches.update_one(
                 {"_id": lease.batch_id, "runner.token": lease.token},
                 {"$set": {"tally": _tally_doc(tally, lease.token)}},
             )
@@ -824,7 +837,7 @@ class Store:
         if lease is not None:
             lease.check()
             query["runner.token"] = lease.token
-        return self.batches.update_one(query, update).matched_count == 1
+        return self._batches.update_one(query, update).matched_count == 1
 
     def prepare_conversations(
         self,
@@ -847,7 +860,7 @@ class Store:
                 buffer = []
         if buffer:
             self._insert_counted(batch.id, buffer)
-        self.batches.update_one({"_id": batch.id}, {"$set": {"prepared": True, "status": "ready"}})
+        self._batches.update_one({"_id": batch.id}, {"$set": {"prepared": True, "status": "ready"}})
 
     def _insert_counted(self, batch_id: str, docs: list[dict]) -> None:
         with self._tallying(batch_id, None) as held:
@@ -858,7 +871,7 @@ class Store:
     def _insert_ignoring_duplicates(self, docs: list[dict]) -> int:
         """Insert what is not stored yet; returns how many were inserted."""
         try:
-            return len(self.conversations.insert_many(docs, ordered=False).inserted_ids)
+            return len(self._conversations.insert_many(docs, ordered=False).inserted_ids)
         except BulkWriteError as e:
             if any(err.get("code") != 11000 for err in e.details.get("writeErrors", [])):
                 raise
@@ -914,7 +927,7 @@ class Store:
                 "status": {"$in": list(UNFINISHED)},
                 "index": {"$gt": last},
             }
-            docs = list(self.conversations.find(query).sort("index", 1).limit(page))
+            docs = list(self._conversations.find(query).sort("index", 1).limit(page))
             for doc in docs:
                 yield _conversation(doc)
             if len(docs) < page:
@@ -922,12 +935,12 @@ class Store:
             last = docs[-1]["index"]
 
     def count_unfinished(self, batch_id: str) -> int:
-        return self.conversations.count_documents(
+        return self._conversations.count_documents(
             {"batch_id": batch_id, "status": {"$in": list(UNFINISHED)}}
         )
 
     def batch_counts(self, batch_id: str) -> dict[str, int]:
-        rows = self.conversations.aggregate(
+        rows = self._conversations.aggregate(
             [{"$match": {"batch_id": batch_id}}, {"$group": {"_id": "$status", "n": {"$sum": 1}}}]
         )
         return {r["_id"]: r["n"] for r in rows}
@@ -937,7 +950,7 @@ class Store:
         # Matched on the batch id every record carries: matching a list of the batch's
         # conversation ids instead takes seconds on the embedded server for 1,000 of them.
         totals = BatchTotals()
-        for coll in (self.messages, self.summaries, self.selector_calls):
+        for coll in (self._messages, self._summaries, self._selector_calls):
             for row in coll.aggregate(
                 [
                     {"$match": {"batch_id": batch_id}},
@@ -953,14 +966,14 @@ class Store:
                     },
                 ]
             ):
-                if coll is self.messages:
+                if coll is self._messages:
                     totals.messages = row["n"]
                 totals.prompt_tokens += row["prompt_tokens"]
                 totals.completion_tokens += row["completion_tokens"]
                 totals.retries += row["retries"]
                 totals.calls += row["calls"]
         # Retries of calls that failed for good are kept on their conversation (no message holds them).
-        for row in self.conversations.aggregate(
+        for row in self._conversations.aggregate(
             [
                 {"$match": {"batch_id": batch_id, "failed_call_retries": {"$gt": 0}}},
                 {"$group": {"_id": None, "retries": {"$sum": "$failed_call_retries"}}},
@@ -974,7 +987,7 @@ class Store:
         """(conversation id, error) of the batch's failed conversations."""
         return [
             (d["_id"], d.get("error") or "")
-            for d in self.conversations.find(
+            for d in self._conversations.find(
                 {"batch_id": batch_id, "status": "failed"}, {"error": 1}
             )
         ]
@@ -1004,7 +1017,7 @@ class Store:
             tally.owner = f"{TALLY_CHECKED}{holder.token}"
         if query is not None:
             query["tally.owner"] = t.owner if t is not None else {"$exists": False}
-            self.batches.update_one(query, {"$set": {"tally": _tally_doc(tally, tally.owner)}})
+            self._batches.update_one(query, {"$set": {"tally": _tally_doc(tally, tally.owner)}})
         return tally
 
     def _recount(self, batch_id: str) -> BatchTally:
@@ -1016,7 +1029,7 @@ class Store:
     def _batch_of(self, conv_id: str, lease: Lease | None) -> str | None:
         if lease is not None:
             return lease.batch_id
-        doc = self.conversations.find_one({"_id": conv_id}, {"batch_id": 1})
+        doc = self._conversations.find_one({"_id": conv_id}, {"batch_id": 1})
         return doc.get("batch_id") if doc else None
 
     @contextmanager
@@ -1048,21 +1061,21 @@ class Store:
     def _tally_add(self, lease: Lease, inc: dict[str, int]) -> None:
         changes = {f"tally.{k}": v for k, v in inc.items() if v}
         if changes:
-            self.batches.update_one(
+            self._batches.update_one(
                 {"_id": lease.batch_id, "tally.owner": lease.token}, {"$inc": changes}
             )
 
     def _tally_stale(self, batch_id: str) -> None:
-        self.batches.update_one(
+        self._batches.update_one(
             {"_id": batch_id, "tally": {"$exists": True}}, {"$unset": {"tally": ""}}
         )
 
     # --- conversations --------------------------------------------------------------------
 
     def get_conversation(self, ref: str) -> ConversationRecord:
-        doc = self._resolve(self.conversations, ref, "conversation")
+        doc = self._resolve(self._conversations, ref, "conversation")
         record = _conversation(doc)
-        record.message_count = self.messages.count_documents({"conversation_id": record.id})
+        record.message_count = self._messages.count_documents({"conversation_id": record.id})
         return record
 
     def list_conversations(
@@ -1099,7 +1112,7 @@ class Store:
             if batch_id:
                 query["batch_id"] = batch_id
             # Sorted here: the embedded server sorts thousands of documents slowly.
-            docs = list(self.conversations.find(query, projection))
+            docs = list(self._conversations.find(query, projection))
             docs.sort(key=lambda d: (d["created_at"], d.get("index", 0)))
         counts = self._message_counts(docs) if message_counts else {}
         out = []
@@ -1125,27 +1138,27 @@ class Store:
             batches = [batch_id]
         else:
             # Conversations without a batch (older imports) come first: they are older.
-            loose = self.conversations.find(
+            loose = self._conversations.find(
                 {"batch_id": None, "experiment_id": experiment_id, **conditions}, projection
             )
             yield from sorted(loose, key=lambda d: (d["created_at"], d.get("index", 0)))
             batches = [
                 b["_id"]
-                for b in self.batches.find({"experiment_id": experiment_id}, {"created_at": 1})
+                for b in self._batches.find({"experiment_id": experiment_id}, {"created_at": 1})
                 .sort("created_at", 1)
             ]
         for b in batches:
             start = 0
             while True:
                 docs = list(
-                    self.conversations.find(
+                    self._conversations.find(
                         {"batch_id": b, "index": {"$gte": start, "$lt": start + page}}, projection
                     ).sort("index", 1)
                 )
                 if experiment_id:
                     docs = [d for d in docs if d.get("experiment_id") == experiment_id]
                 yield from (d for d in docs if _matches(d, conditions))
-                if not docs and not self.conversations.count_documents(
+                if not docs and not self._conversations.count_documents(
                     {"batch_id": b, "index": {"$gte": start}}, limit=1
                 ):
                     break
@@ -1170,7 +1183,7 @@ class Store:
             groups = [{"batch_id": b} for b in sorted(str(b) for b in batch_ids)]
         counts: dict[str, int] = {}
         for match in groups:
-            for r in self.messages.aggregate(
+            for r in self._messages.aggregate(
                 [{"$match": match}, {"$group": {"_id": "$conversation_id", "n": {"$sum": 1}}}]
             ):
                 if r["_id"] in wanted:
@@ -1213,13 +1226,13 @@ class Store:
         query = {"batch_id": batch_id}
         skip = {"_id": 0, "batch_id": 0, "created_at": 0}
         found: dict[str, Transcript] = {conv_id: Transcript() for conv_id in wanted}
-        for d in self.messages.find(query, skip):
+        for d in self._messages.find(query, skip):
             if (t := found.get(d["conversation_id"])) is not None:
                 t.messages.append(_message(d))
-        for d in self.summaries.find(query, skip):
+        for d in self._summaries.find(query, skip):
             if (t := found.get(d["conversation_id"])) is not None:
                 t.summaries.append(Summary(d["day"], d["content"], _usage(d.get("usage"))))
-        calls = [d for d in self.selector_calls.find(query, skip) if d["conversation_id"] in found]
+        calls = [d for d in self._selector_calls.find(query, skip) if d["conversation_id"] in found]
         calls.sort(key=lambda d: (d["day"], d["turn"], d.get("attempt", 0)))
         for d in calls:
             found[d["conversation_id"]].selector_calls.append(
@@ -1239,13 +1252,13 @@ class Store:
     ) -> Iterator[tuple[ConversationRecord, Transcript]]:
         query = {"conversation_id": {"$in": [r.id for r in records]}}
         found: dict[str, Transcript] = {r.id: Transcript() for r in records}
-        for d in self.messages.find(query, {"_id": 0, "batch_id": 0, "created_at": 0}):
+        for d in self._messages.find(query, {"_id": 0, "batch_id": 0, "created_at": 0}):
             found[d["conversation_id"]].messages.append(_message(d))
-        for d in self.summaries.find(query, {"_id": 0, "batch_id": 0, "created_at": 0}):
+        for d in self._summaries.find(query, {"_id": 0, "batch_id": 0, "created_at": 0}):
             found[d["conversation_id"]].summaries.append(
                 Summary(d["day"], d["content"], _usage(d.get("usage")))
             )
-        calls = list(self.selector_calls.find(query, {"_id": 0, "batch_id": 0, "created_at": 0}))
+        calls = list(self._selector_calls.find(query, {"_id": 0, "batch_id": 0, "created_at": 0}))
         calls.sort(key=lambda d: (d["day"], d["turn"], d.get("attempt", 0)))
         for d in calls:
             found[d["conversation_id"]].selector_calls.append(
@@ -1275,7 +1288,7 @@ class Store:
             query["status"] = {"$in": [s.value for s in UNFINISHED]}
             changes["lease"] = lease.token
         with self._tallying(self._batch_of(conv_id, lease), lease) as held:
-            before = self.conversations.find_one_and_update(
+            before = self._conversations.find_one_and_update(
                 query, {"$set": changes}, {"status": 1}
             )
             if before is not None and held is not None:
@@ -1311,7 +1324,7 @@ class Store:
             lease.check()
             query.update(status=ConversationStatus.RUNNING.value, lease=lease.token)
         with self._tallying(self._batch_of(conv_id, lease), lease) as held:
-            before = self.conversations.find_one_and_update(query, update, {"status": 1})
+            before = self._conversations.find_one_and_update(query, update, {"status": 1})
             if before is not None and held is not None:
                 inc = _moved(before.get("status"), status)
                 inc["retries"] = failed_call_retries
@@ -1326,7 +1339,7 @@ class Store:
             lease.check()
             query["lease"] = lease.token
         with self._tallying(batch_id, lease) as held:
-            n = self.conversations.update_many(
+            n = self._conversations.update_many(
                 query, {"$set": {"status": ConversationStatus.INTERRUPTED.value}}
             ).modified_count
             if held is not None:
@@ -1337,11 +1350,11 @@ class Store:
 
     def set_conversation_favourite(self, ref: str, favourite: bool) -> None:
         """Star (or unstar) a conversation for the current user; anyone's conversation."""
-        doc = self._resolve(self.conversations, ref, "conversation")
-        self._star(self.conversations, doc, favourite)
+        doc = self._resolve(self._conversations, ref, "conversation")
+        self._star(self._conversations, doc, favourite)
 
     def delete_conversation(self, ref: str) -> Deleted:
-        doc = self._resolve(self.conversations, ref, "conversation", {"creator": 1, "batch_id": 1})
+        doc = self._resolve(self._conversations, ref, "conversation", {"creator": 1, "batch_id": 1})
         if doc.get("creator") != self.user:
             raise PermissionDenied(
                 f"Only {doc.get('creator')!s}, who created conversation {doc['_id']}, can "
@@ -1359,7 +1372,7 @@ class Store:
         self, conv_id: str, m: Message, batch_id: str | None = None, lease: Lease | None = None
     ) -> None:
         self._insert_once(
-            self.messages,
+            self._messages,
             {
                 "conversation_id": conv_id,
                 "batch_id": batch_id,
@@ -1383,7 +1396,7 @@ class Store:
         self, conv_id: str, s: Summary, batch_id: str | None = None, lease: Lease | None = None
     ) -> None:
         self._insert_once(
-            self.summaries,
+            self._summaries,
             {
                 "conversation_id": conv_id,
                 "batch_id": batch_id,
@@ -1407,7 +1420,7 @@ class Store:
         lease: Lease | None = None,
     ) -> None:
         self._insert_once(
-            self.selector_calls,
+            self._selector_calls,
             {
                 "conversation_id": conv_id,
                 "batch_id": batch_id,
@@ -1452,7 +1465,7 @@ class Store:
                 return  # a retried write whose first attempt landed: counted then, or recounted
             if held is not None:
                 inc = _usage_inc(doc.get("usage"))
-                if collection is self.messages:
+                if collection is self._messages:
                     inc["messages"] = 1
                 self._tally_add(held, inc)
 
@@ -1493,7 +1506,7 @@ class Store:
         """
         query = {"conversation_id": conv_id}
         t = Transcript()
-        for d in self.messages.find(query).sort([("day", 1), ("turn", 1)]):
+        for d in self._messages.find(query).sort([("day", 1), ("turn", 1)]):
             t.messages.append(
                 Message(
                     day=d["day"],
@@ -1506,13 +1519,13 @@ class Store:
                     usage=_usage(d.get("usage")),
                 )
             )
-        for d in self.summaries.find(query).sort("day", 1):
+        for d in self._summaries.find(query).sort("day", 1):
             t.summaries.append(Summary(d["day"], d["content"], _usage(d.get("usage"))))
         spoken = {(m.day, m.turn) for m in t.messages}
-        for d in self.selector_calls.find(query).sort([("day", 1), ("turn", 1), ("attempt", 1)]):
+        for d in self._selector_calls.find(query).sort([("day", 1), ("turn", 1), ("attempt", 1)]):
             if discard_partial and (d["day"], d["turn"]) not in spoken:
                 with self._tallying(d.get("batch_id"), None) as held:
-                    if self.selector_calls.delete_one({"_id": d["_id"]}).deleted_count:
+                    if self._selector_calls.delete_one({"_id": d["_id"]}).deleted_count:
                         if held is not None:
                             self._tally_add(held, _usage_inc(d.get("usage"), -1))
                 continue
@@ -1531,7 +1544,7 @@ class Store:
     def imported(self, kind: str) -> dict[str, str]:
         """{prototype id: our id} of the experiments, batches or conversations imported so far."""
         assert kind in self._IMPORTABLE
-        docs = self.db[kind].find({"legacy_id": {"$exists": True}}, {"legacy_id": 1})
+        docs = self._db[kind].find({"legacy_id": {"$exists": True}}, {"legacy_id": 1})
         return {d["legacy_id"]: d["_id"] for d in docs}
 
     def mark_imported(
@@ -1553,7 +1566,7 @@ class Store:
             changes["total"] = total
         if note:
             changes["note"] = note
-        self.db[kind].update_one({"_id": our_id}, {"$set": changes})
+        self._db[kind].update_one({"_id": our_id}, {"$set": changes})
 
 
 TALLY_RELEASED = "released"
