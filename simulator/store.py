@@ -321,7 +321,9 @@ class Store:
                 coll.create_index([("batch_id", 1)])
             self._conversations.create_index([("batch_id", 1), ("index", 1)], unique=True)
             # listings sort an experiment's or a batch's conversations by (created_at, index)
-            self._conversations.create_index([("experiment_id", 1), ("created_at", 1), ("index", 1)])
+            self._conversations.create_index(
+                [("experiment_id", 1), ("created_at", 1), ("index", 1)]
+            )
             self._conversations.create_index([("batch_id", 1), ("created_at", 1), ("index", 1)])
             self._conversations.create_index([("batch_id", 1), ("status", 1)])
             self._batches.create_index([("experiment_id", 1)])
@@ -759,10 +761,13 @@ class Store:
                         "$inc": {"elapsed": time.monotonic() - counted[0]},
                     }
                     # The totals stay trusted only when every write of this run added to them.
-                    done = lease.tally_ok and self._batches.update_one(
-                        {**mine, "tally.owner": lease.token},
-                        {**release, "$set": {"tally.owner": TALLY_RELEASED}},
-                    ).matched_count
+                    done = (
+                        lease.tally_ok
+                        and self._batches.update_one(
+                            {**mine, "tally.owner": lease.token},
+                            {**release, "$set": {"tally.owner": TALLY_RELEASED}},
+                        ).matched_count
+                    )
                     if not done:
                         self._batches.update_one(mine, release)
                 except PyMongoError:
@@ -1144,8 +1149,9 @@ class Store:
             yield from sorted(loose, key=lambda d: (d["created_at"], d.get("index", 0)))
             batches = [
                 b["_id"]
-                for b in self._batches.find({"experiment_id": experiment_id}, {"created_at": 1})
-                .sort("created_at", 1)
+                for b in self._batches.find(
+                    {"experiment_id": experiment_id}, {"created_at": 1}
+                ).sort("created_at", 1)
             ]
         for b in batches:
             start = 0
@@ -1455,7 +1461,6 @@ class Store:
         means another run wrote this turn: that is never swallowed (it would hide a run
         regenerating what is stored, or two runs writing one conversation).
         """
-        conv_id = doc["conversation_id"]
         with self._tallying(doc.get("batch_id"), lease) as held:
             if lease is not None:
                 lease.check()
@@ -1525,9 +1530,9 @@ class Store:
         for d in self._selector_calls.find(query).sort([("day", 1), ("turn", 1), ("attempt", 1)]):
             if discard_partial and (d["day"], d["turn"]) not in spoken:
                 with self._tallying(d.get("batch_id"), None) as held:
-                    if self._selector_calls.delete_one({"_id": d["_id"]}).deleted_count:
-                        if held is not None:
-                            self._tally_add(held, _usage_inc(d.get("usage"), -1))
+                    gone = self._selector_calls.delete_one({"_id": d["_id"]}).deleted_count
+                    if gone and held is not None:
+                        self._tally_add(held, _usage_inc(d.get("usage"), -1))
                 continue
             t.selector_calls.append(
                 SelectorCall(

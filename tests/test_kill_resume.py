@@ -27,9 +27,9 @@ from typer.testing import CliRunner
 
 from simulator.cli import app
 from simulator.conversation import SELECTOR_SYSTEM
-from tests.test_tally import kept, recount
 from simulator.store import Store
 from tests.servers import FakeLLMServer, echo_reply, write_experiment
+from tests.test_tally import kept, recount
 
 # 6 conversations (3 round-robin, 3 auto-selected) x 6 messages over 2 days: 48 messages and
 # summaries, plus the selector calls of the auto ones.
