@@ -1464,9 +1464,7 @@ class Store:
         with self._tallying(doc.get("batch_id"), lease) as held:
             if lease is not None:
                 lease.check()
-            try:
-                self._insert_record(collection, doc, key=key, same=same, what=what)
-            except _AlreadyStored:
+            if not self._insert_record(collection, doc, key=key, same=same, what=what):
                 return  # a retried write whose first attempt landed: counted then, or recounted
             if held is not None:
                 inc = _usage_inc(doc.get("usage"))
@@ -1482,15 +1480,15 @@ class Store:
         key: tuple[str, ...],
         same: tuple[str, ...],
         what: str,
-    ) -> None:
-        """Insert; a duplicate of this very record is no error (and raises _AlreadyStored)."""
+    ) -> bool:
+        """Insert; False when this very record is stored already (no error)."""
         conv_id = doc["conversation_id"]
         try:
             collection.insert_one(doc)
         except DuplicateKeyError:
             stored = collection.find_one({"conversation_id": conv_id, **{k: doc[k] for k in key}})
             if stored is not None and all(stored.get(f) == doc.get(f) for f in same):
-                raise _AlreadyStored() from None
+                return False
             raise LeaseLost(
                 f"Conversation {conv_id} already has a different {what} stored (another run "
                 f"wrote it), so this run stopped writing to it. Nothing stored was changed; "
@@ -1502,6 +1500,7 @@ class Store:
             if e.code in _TOO_LARGE_CODES or "too large" in str(e).lower():
                 raise _too_large(conv_id, what, doc) from None
             raise
+        return True
 
     def load_transcript(self, conv_id: str, *, discard_partial: bool = False) -> Transcript:
         """Everything stored for a conversation, in order.
@@ -1577,10 +1576,6 @@ class Store:
 TALLY_RELEASED = "released"
 TALLY_CHECKED = "checked:"
 _TALLY_USAGE = ("prompt_tokens", "completion_tokens", "retries", "calls")
-
-
-class _AlreadyStored(Exception):
-    """The record being inserted is stored already (a retried write that did land)."""
 
 
 def _tally_trusted(owner: str, holder: LeaseHolder | None, *, alive: bool) -> bool:
