@@ -136,6 +136,10 @@ def measure(workdir: Path, n: int) -> dict[str, Any]:
     print(f"{n} conversations stored in {fill_s:.1f} s (experiment {exp_id}, batch {batch_id})")
     rows: dict[str, Any] = {"n": n}
     commands = {
+        # Filled in bulk, the batch has no running totals yet: the first `status` recounts
+        # them (as for a batch imported from the prototype) and stores them, as a run that
+        # ended leaves them; the commands after it read them.
+        "status (recount)": ["status", batch_id],
         "status": ["status"],
         "status BATCH": ["status", batch_id],
         "conversations EXP": ["conversations", exp_id],

@@ -538,8 +538,8 @@ def status(
         return
     names = store.experiment_names(b.experiment_id for b in batches)
     for b in batches:
-        counts = store.batch_counts(b.id)
-        totals = store.batch_totals(b.id)
+        progress = store.batch_progress(b)  # kept on the batch: no counting of every record
+        counts, totals = progress.counts, progress.totals
         out.print(display.batch_status_text(b, names.get(b.experiment_id), counts, totals))
         if b.error and b.status != "interrupted":
             out.print(f"    stopped: {b.error}", markup=False)

@@ -82,7 +82,7 @@ def _import_legacy(db_name: str, uri: str | None) -> None:
     from simulator.legacy import import_legacy, open_source
 
     store = open_store()
-    source = open_source(uri, db_name, store.db)
+    source = open_source(uri, db_name, store)
     report = import_legacy(store, source)
     for line in report.lines():
         out.print(line, markup=False)

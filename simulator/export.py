@@ -127,11 +127,13 @@ def select(store: Store, ref: str, kind: str | None = None) -> Selection:
 def _select_kind(store: Store, ref: str, kind: str) -> Selection:
     if kind == "experiment":
         exp = store.get_experiment(ref)
-        return Selection(kind, exp, store.list_conversations(experiment_id=exp.id))
+        records = store.list_conversations(experiment_id=exp.id, message_counts=False)
+        return Selection(kind, exp, records)
     if kind == "batch":
         batch = store.get_batch(ref)
         exp = store.get_experiment(batch.experiment_id)
-        return Selection(kind, exp, store.list_conversations(batch_id=batch.id), batch)
+        records = store.list_conversations(batch_id=batch.id, message_counts=False)
+        return Selection(kind, exp, records, batch)
     record = store.get_conversation(ref)
     return Selection(kind, store.get_experiment(record.experiment_id), [record])
 

@@ -111,7 +111,7 @@ class LegacyReport:
 # --- connecting ------------------------------------------------------------------------------
 
 
-def open_source(uri: str | None, name: str, target: Database) -> Database:
+def open_source(uri: str | None, name: str, target: Store) -> Database:
     """The prototype's database: `name` on `uri`, or on the target's server without a URI."""
     if not name:
         raise UserError("Name the prototype's database with --db NAME.")
@@ -123,7 +123,7 @@ def open_source(uri: str | None, name: str, target: Database) -> Database:
         client: pymongo.MongoClient = pymongo.MongoClient(uri, **options)
         where = _redact(uri)
     else:
-        client = target.client
+        client = target.server_client()
         where = "the configured server"
     try:
         client.admin.command("ping")
@@ -137,7 +137,7 @@ def open_source(uri: str | None, name: str, target: Database) -> Database:
         listed = ", ".join(n for n in names if n not in ("admin", "local", "config")) or "none"
         raise UserError(f"{where} has no database '{name}' (it has: {listed}). Check --db.")
     source = client[name]
-    if source.name == target.name and (uri is None or client.address == target.client.address):
+    if target.is_own_database(source):
         raise UserError(
             f"'{name}' is the database the simulator itself uses: the prototype's data must come "
             "from another database (restore it under another name and pass that with --db)."
@@ -613,7 +613,7 @@ def _experiment(
             "here and are kept as literal text."
         )
     creator = str(doc.get("creator") or store.user)
-    exp = Store(store.db, creator).insert_experiment(exp)
+    exp = store.as_user(creator).insert_experiment(exp)
     assert exp.id is not None
     store.mark_imported("experiments", exp.id, legacy_id, created_at=_created(doc))
     report.experiments += 1
@@ -654,7 +654,7 @@ def _batch(
         every_combination=len(combos) > 1,
     )
     creator = exp.creator or store.user
-    batch = Store(store.db, creator).create_batch(exp, grid)
+    batch = store.as_user(creator).create_batch(exp, grid)
     # The prototype's conversations are not a full grid: the batch holds exactly them.
     store.mark_imported("batches", batch.id, legacy_id, created_at=_created(doc), total=len(convs))
     return store.get_batch(batch.id)
@@ -715,7 +715,7 @@ def _write(
         by_creator.setdefault(str(c.creator or exp.creator or store.user), []).append(c)
     for creator, group in by_creator.items():
         summarizer = prompts.summarizer_prompt
-        Store(store.db, creator).prepare_conversations(
+        store.as_user(creator).prepare_conversations(
             batch,
             exp,
             ((c.index, c.spec, c.agents, summarizer(exp, c.spec.agents)) for c in group),
@@ -732,7 +732,7 @@ def _write(
         )
         if c.favourite:
             creator = str(c.creator or exp.creator or store.user)
-            Store(store.db, creator).set_conversation_favourite(conv_id, True)
+            store.as_user(creator).set_conversation_favourite(conv_id, True)
         store.finish_conversation(conv_id, c.status, c.transcript, c.error)
         report.conversations += 1
         report.messages += len(c.transcript.messages)

@@ -9,6 +9,7 @@ index), so repeating a write can neither lose nor duplicate anything.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import re
 import secrets
@@ -119,6 +120,11 @@ class Lease:
     lost: threading.Event = field(default_factory=threading.Event)
     released: threading.Event = field(default_factory=threading.Event)
     taken_by: LeaseHolder | None = None  # who holds the batch now, when lost
+    # False once a write's effect on the batch's running totals is uncertain (a write or
+    # its $inc raised): the totals are then recounted rather than trusted after the run.
+    tally_ok: bool = True
+    writing: int = 0  # tallied writes in flight (see Store._tallying)
+    writing_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def held(self) -> bool:
@@ -160,6 +166,7 @@ class BatchRecord:
     # recorded. Filled by get_batch / latest_batch / Store.fill_liveness.
     holder: LeaseHolder | None = None
     runner_alive: bool | None = None
+    tally: BatchTally | None = None  # the running totals stored on the batch (see Store.progress)
 
     @property
     def stopped_unexpectedly(self) -> bool:
@@ -184,6 +191,20 @@ class BatchTotals:
     retries: int = 0
     calls: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class BatchTally:
+    """Conversations by status and the totals of a batch, as kept on the batch document.
+
+    `owner` says when they can be trusted: `released` (the last run ended cleanly), a
+    runner's lease token (that run keeps them up to date), `checked:<token>` (recounted after
+    that runner died). Anything else, or none, means they are recounted.
+    """
+
+    counts: dict[str, int] = field(default_factory=dict)
+    totals: BatchTotals = field(default_factory=BatchTotals)
+    owner: str = ""
 
 
 @dataclass
@@ -261,14 +282,30 @@ class Store:
     """
 
     def __init__(self, db: Database, user: str):
-        self.db = db
+        self._db = db
         self.user = user
-        self.experiments = db["experiments"]
-        self.batches = db["batches"]
-        self.conversations = db["conversations"]
-        self.messages = db["messages"]
-        self.summaries = db["summaries"]
-        self.selector_calls = db["selector_calls"]
+        self._experiments = db["experiments"]
+        self._batches = db["batches"]
+        self._conversations = db["conversations"]
+        self._messages = db["messages"]
+        self._summaries = db["summaries"]
+        self._selector_calls = db["selector_calls"]
+        self._scores = db["scores"]
+        self._annotation_sheets = db["annotation_sheets"]
+        self._leases: dict[str, Lease] = {}  # batches this Store runs now, by id
+
+    def as_user(self, user: str) -> Store:
+        """The same database, with `user` as the creator of what it inserts (an importer
+        keeps the creators of the records it copies)."""
+        return Store(self._db, user)
+
+    def server_client(self) -> pymongo.MongoClient:
+        """The client of the store's server, to read another database on it (import-legacy)."""
+        return self._db.client
+
+    def is_own_database(self, other: Database) -> bool:
+        """Whether `other` is the very database this store writes to."""
+        return other.name == self._db.name and other.client.address == self._db.client.address
 
     @classmethod
     def open(cls, db: Database, user: str) -> Store:
@@ -279,24 +316,26 @@ class Store:
 
     def ensure_indexes(self) -> None:
         try:
-            self.messages.create_index(
+            self._messages.create_index(
                 [("conversation_id", 1), ("day", 1), ("turn", 1)], unique=True
             )
-            self.summaries.create_index([("conversation_id", 1), ("day", 1)], unique=True)
-            self.selector_calls.create_index(
+            self._summaries.create_index([("conversation_id", 1), ("day", 1)], unique=True)
+            self._selector_calls.create_index(
                 [("conversation_id", 1), ("day", 1), ("turn", 1), ("attempt", 1)], unique=True
             )
-            for coll in (self.messages, self.summaries, self.selector_calls):
+            for coll in (self._messages, self._summaries, self._selector_calls):
                 coll.create_index([("batch_id", 1)])
-            self.conversations.create_index([("batch_id", 1), ("index", 1)], unique=True)
+            self._conversations.create_index([("batch_id", 1), ("index", 1)], unique=True)
             # listings sort an experiment's or a batch's conversations by (created_at, index)
-            self.conversations.create_index([("experiment_id", 1), ("created_at", 1), ("index", 1)])
-            self.conversations.create_index([("batch_id", 1), ("created_at", 1), ("index", 1)])
-            self.conversations.create_index([("batch_id", 1), ("status", 1)])
-            self.batches.create_index([("experiment_id", 1)])
-            self.batches.create_index([("creator", 1), ("created_at", -1)])
-            self.batches.create_index([("created_at", -1)])
-            self.experiments.create_index([("creator", 1), ("name", 1)])
+            self._conversations.create_index(
+                [("experiment_id", 1), ("created_at", 1), ("index", 1)]
+            )
+            self._conversations.create_index([("batch_id", 1), ("created_at", 1), ("index", 1)])
+            self._conversations.create_index([("batch_id", 1), ("status", 1)])
+            self._batches.create_index([("experiment_id", 1)])
+            self._batches.create_index([("creator", 1), ("created_at", -1)])
+            self._batches.create_index([("created_at", -1)])
+            self._experiments.create_index([("creator", 1), ("name", 1)])
             self._ensure_score_indexes()
         except PyMongoError as e:
             raise StorageError(f"Could not prepare the database: {e}") from e
@@ -368,11 +407,11 @@ class Store:
             "parent_id": parent_id,
             "definition": _definition(exp),
         }
-        self.experiments.insert_one(doc)
+        self._experiments.insert_one(doc)
         return self._experiment(doc)
 
     def get_experiment(self, ref: str) -> Experiment:
-        return self._experiment(self._resolve(self.experiments, ref, "experiment"))
+        return self._experiment(self._resolve(self._experiments, ref, "experiment"))
 
     def find_experiment_or_batch(self, ref: str) -> tuple[str, Experiment, str | None]:
         """What `ref` names: an experiment (id prefix or name) or a batch (id prefix).
@@ -393,7 +432,7 @@ class Store:
             except NotFoundError as e:
                 problems.append(e)
         named = list(
-            self.experiments.find({"name": ref}, {"creator": 1, "created_at": 1}).limit(50)
+            self._experiments.find({"name": ref}, {"creator": 1, "created_at": 1}).limit(50)
         )
         if named:
             named.sort(key=lambda d: (d.get("creator") == self.user, d["created_at"]), reverse=True)
@@ -423,7 +462,7 @@ class Store:
 
     def find_identical(self, exp: Experiment) -> Experiment | None:
         """The current user's experiment with exactly this definition, if one is stored."""
-        doc = self.experiments.find_one(
+        doc = self._experiments.find_one(
             {"creator": self.user, "name": exp.name, "definition": _definition(exp)},
             sort=[("created_at", -1)],
         )
@@ -435,12 +474,12 @@ class Store:
         if search:
             pattern = {"$regex": re.escape(search), "$options": "i"}
             query["$or"] = [{"name": pattern}, {"note": pattern}, {"creator": pattern}]
-        docs = list(self.experiments.find(query))
+        docs = list(self._experiments.find(query))
         docs.sort(key=lambda d: d["created_at"], reverse=True)
         docs.sort(key=lambda d: self.user not in favourited_by(d))
         counts = {
             row["_id"]: row["n"]
-            for row in self.conversations.aggregate(
+            for row in self._conversations.aggregate(
                 [
                     {"$match": {"experiment_id": {"$in": [d["_id"] for d in docs]}}},
                     {"$group": {"_id": "$experiment_id", "n": {"$sum": 1}}},
@@ -454,14 +493,14 @@ class Store:
 
     def set_favourite(self, ref: str, favourite: bool) -> Experiment:
         """Star (or unstar) an experiment for the current user; anyone's experiment."""
-        doc = self._resolve(self.experiments, ref, "experiment")
-        self._star(self.experiments, doc, favourite)
-        return self._experiment(self.experiments.find_one({"_id": doc["_id"]}) or doc)
+        doc = self._resolve(self._experiments, ref, "experiment")
+        self._star(self._experiments, doc, favourite)
+        return self._experiment(self._experiments.find_one({"_id": doc["_id"]}) or doc)
 
     def _update_experiment(self, ref: str, changes: dict, action: str) -> Experiment:
-        doc = self._resolve(self.experiments, ref, "experiment")
+        doc = self._resolve(self._experiments, ref, "experiment")
         self._check_owner(doc, "experiment", action)
-        self.experiments.update_one({"_id": doc["_id"]}, {"$set": changes})
+        self._experiments.update_one({"_id": doc["_id"]}, {"$set": changes})
         return self._experiment({**doc, **changes})
 
     def delete_plan(self, ref: str) -> DeletePlan:
@@ -470,20 +509,31 @@ class Store:
         Refused (PermissionDenied) unless the user created the experiment and every batch and
         conversation in it: deleting never removes what someone else created.
         """
-        doc = self._resolve(self.experiments, ref, "experiment")
+        doc = self._resolve(self._experiments, ref, "experiment")
         self._check_owner(doc, "experiment", "delete")
         others: dict[str, int] = {}
-        for row in self.conversations.aggregate(
-            [
-                {"$match": {"experiment_id": doc["_id"], "creator": {"$ne": self.user}}},
-                {"$group": {"_id": "$creator", "n": {"$sum": 1}}},
-            ]
-        ):
-            others[str(row["_id"])] = row["n"]
-        for b in self.batches.find(
-            {"experiment_id": doc["_id"], "creator": {"$ne": self.user}}, {"creator": 1}
-        ):
-            others.setdefault(str(b.get("creator")), 0)
+        batches = list(
+            self._batches.find(
+                {"experiment_id": doc["_id"]},
+                {"creator": 1, "legacy_id": 1, "total": 1, "tally.counts": 1},
+            )
+        )
+        # A run's conversations are its batch creator's; only imported batches and
+        # conversations without a batch can hold someone else's: those are counted one by one.
+        mixed: list[dict[str, Any]] = [{"batch_id": None, "experiment_id": doc["_id"]}]
+        mixed += [{"batch_id": b["_id"]} for b in batches if "legacy_id" in b]
+        for match in mixed:
+            for row in self._conversations.aggregate(
+                [
+                    {"$match": {**match, "creator": {"$ne": self.user}}},
+                    {"$group": {"_id": "$creator", "n": {"$sum": 1}}},
+                ]
+            ):
+                others[str(row["_id"])] = others.get(str(row["_id"]), 0) + row["n"]
+        for b in batches:
+            if b.get("creator") != self.user:
+                who = str(b.get("creator"))
+                others[who] = others.get(who, 0) + (0 if "legacy_id" in b else _batch_size(b))
         if others:
             whose = ", ".join(
                 f"{who} ({plural(n, 'conversation')})" if n else f"{who} (a batch)"
@@ -495,10 +545,11 @@ class Store:
                 "delete their conversations first, or keep the experiment (mark it with "
                 "`simulator experiment note`)."
             )
+        loose = self._conversations.count_documents({"batch_id": None, "experiment_id": doc["_id"]})
         return DeletePlan(
             experiment=self._experiment(doc),
-            batches=self.batches.count_documents({"experiment_id": doc["_id"]}),
-            conversations=self.conversations.count_documents({"experiment_id": doc["_id"]}),
+            batches=len(batches),
+            conversations=loose + sum(_batch_size(b) for b in batches),
         )
 
     def delete_experiment(
@@ -518,46 +569,46 @@ class Store:
         report = on_progress or (lambda done, total: None)
         report(0, total)
         mine = {"experiment_id": exp_id, "creator": self.user}
-        for batch in list(self.batches.find(mine, {"_id": 1})):
+        for batch in list(self._batches.find(mine, {"_id": 1})):
             # Records carry their batch id: one delete per collection, no list of ids.
-            n = self.conversations.count_documents({"batch_id": batch["_id"]})
             self._delete_records(deleted, {"batch_id": batch["_id"]})
-            deleted.conversations += self.conversations.delete_many(
+            n = self._conversations.delete_many(
                 {"batch_id": batch["_id"], "creator": self.user}
             ).deleted_count
-            deleted.batches += self.batches.delete_one({"_id": batch["_id"]}).deleted_count
+            deleted.conversations += n
+            deleted.batches += self._batches.delete_one({"_id": batch["_id"]}).deleted_count
             done += n
             report(min(done, total), total)
         # Conversations without a batch (older imports): their ids, a page at a time.
         while True:
             page = [
                 d["_id"]
-                for d in self.conversations.find({**mine, "batch_id": None}, {"_id": 1}).limit(500)
+                for d in self._conversations.find({**mine, "batch_id": None}, {"_id": 1}).limit(500)
             ]
             if not page:
                 break
             self._delete_conversation_data(page, deleted)
             done += len(page)
             report(min(done, total), total)
-        if self.conversations.count_documents(
+        if self._conversations.count_documents(
             {"experiment_id": exp_id}, limit=1
-        ) or self.batches.count_documents({"experiment_id": exp_id}, limit=1):
+        ) or self._batches.count_documents({"experiment_id": exp_id}, limit=1):
             # Someone else started a batch on it while it was being deleted: theirs stays.
             self.delete_plan(exp_id or ref)  # names them
-        deleted.experiments = self.experiments.delete_one({"_id": exp_id}).deleted_count
+        deleted.experiments = self._experiments.delete_one({"_id": exp_id}).deleted_count
         return deleted
 
     def _delete_records(self, deleted: Deleted, query: dict[str, Any]) -> None:
         # Children first: an interrupted delete leaves a conversation without some messages
         # rather than messages without a conversation.
-        deleted.messages += self.messages.delete_many(query).deleted_count
-        deleted.summaries += self.summaries.delete_many(query).deleted_count
-        deleted.selector_calls += self.selector_calls.delete_many(query).deleted_count
-        self.db["scores"].delete_many(query)  # a conversation's scores go with it (issue 11)
+        deleted.messages += self._messages.delete_many(query).deleted_count
+        deleted.summaries += self._summaries.delete_many(query).deleted_count
+        deleted.selector_calls += self._selector_calls.delete_many(query).deleted_count
+        self._scores.delete_many(query)  # a conversation's scores go with it (issue 11)
 
     def _delete_conversation_data(self, conv_ids: list[str], deleted: Deleted) -> None:
         self._delete_records(deleted, {"conversation_id": {"$in": conv_ids}})
-        deleted.conversations += self.conversations.delete_many(
+        deleted.conversations += self._conversations.delete_many(
             {"_id": {"$in": conv_ids}}
         ).deleted_count
 
@@ -585,16 +636,16 @@ class Store:
             "creator": self.user,
             "created_at": now(),
         }
-        self.batches.insert_one(doc)
+        self._batches.insert_one(doc)
         return _batch(doc)
 
     def get_batch(self, ref: str) -> BatchRecord:
-        batch = _batch(self._resolve(self.batches, ref, "batch"))
+        batch = _batch(self._resolve(self._batches, ref, "batch"))
         self.fill_liveness([batch])
         return batch
 
     def latest_batch(self) -> BatchRecord | None:
-        doc = self.batches.find_one({"creator": self.user}, sort=[("created_at", -1)])
+        doc = self._batches.find_one({"creator": self.user}, sort=[("created_at", -1)])
         if not doc:
             return None
         batch = _batch(doc)
@@ -610,7 +661,7 @@ class Store:
             query["experiment_id"] = experiment_id
         if creator:
             query["creator"] = creator
-        cursor = self.batches.find(query).sort("created_at", -1).limit(limit)
+        cursor = self._batches.find(query).sort("created_at", -1).limit(limit)
         batches = [_batch(d) for d in cursor]
         self.fill_liveness(batches)
         return batches
@@ -618,13 +669,13 @@ class Store:
     def experiment_names(self, ids: Iterable[str]) -> dict[str, str]:
         """{experiment id: name} of the given experiments (those that exist)."""
         wanted = sorted(set(ids))
-        docs = self.experiments.find({"_id": {"$in": wanted}}, {"name": 1})
+        docs = self._experiments.find({"_id": {"$in": wanted}}, {"name": 1})
         return {d["_id"]: d.get("name") or "" for d in docs}
 
     def server_time(self) -> datetime:
         """The database server's clock (UTC): leases are judged by it, never by ours, so
         runners on hosts whose clocks disagree still agree on who holds a batch."""
-        return _utc(self.db.command("hello")["localTime"])
+        return _utc(self._db.command("hello")["localTime"])
 
     def fill_liveness(self, batches: list[BatchRecord]) -> None:
         """Set `runner_alive` of batches read without it (one server-clock read for all)."""
@@ -671,6 +722,7 @@ class Store:
             seconds=seconds,
         )
         self._claim(lease)
+        self._leases[batch_id] = lease
         mine = {"_id": batch_id, "runner.token": lease.token}
         stop = threading.Event()
         lock = threading.Lock()
@@ -682,7 +734,7 @@ class Store:
                 with lock:
                     t = time.monotonic()
                     try:
-                        result = self.batches.update_one(
+                        result = self._batches.update_one(
                             mine,
                             {
                                 "$currentDate": {"runner.heartbeat": True},
@@ -693,7 +745,7 @@ class Store:
                         continue  # the batch's own writes report a lost database
                     counted[0] = t
                 if result.matched_count == 0:
-                    lease._lose(self.batches.find_one({"_id": batch_id}, {"runner": 1}))
+                    lease._lose(self._batches.find_one({"_id": batch_id}, {"runner": 1}))
                     if on_lost is not None:
                         on_lost()
                     return
@@ -706,15 +758,26 @@ class Store:
             stop.set()
             lease.released.set()  # abandoned conversation threads write nothing from now on
             heart.join(5)
+            self._leases.pop(batch_id, None)
+            with lease.writing_lock:
+                if lease.writing:  # a write still in flight may land uncounted
+                    lease.tally_ok = False
             with lock:
                 try:
-                    self.batches.update_one(
-                        mine,
-                        {
-                            "$unset": {"runner": ""},
-                            "$inc": {"elapsed": time.monotonic() - counted[0]},
-                        },
+                    release: dict[str, Any] = {
+                        "$unset": {"runner": ""},
+                        "$inc": {"elapsed": time.monotonic() - counted[0]},
+                    }
+                    # The totals stay trusted only when every write of this run added to them.
+                    done = (
+                        lease.tally_ok
+                        and self._batches.update_one(
+                            {**mine, "tally.owner": lease.token},
+                            {**release, "$set": {"tally.owner": TALLY_RELEASED}},
+                        ).matched_count
                     )
+                    if not done:
+                        self._batches.update_one(mine, release)
                 except PyMongoError:
                     pass  # unreleased, it expires; a dead pid on this host frees it at once
 
@@ -722,8 +785,11 @@ class Store:
         """Take the batch if its lease is free: a compare-and-swap on the runner read,
         judged by the server's clock."""
         rows = list(
-            self.batches.aggregate(
-                [{"$match": {"_id": lease.batch_id}}, {"$project": {"runner": 1, "now": "$$NOW"}}]
+            self._batches.aggregate(
+                [
+                    {"$match": {"_id": lease.batch_id}},
+                    {"$project": {"runner": 1, "tally.owner": 1, "now": "$$NOW"}},
+                ]
             )
         )
         if not rows:
@@ -741,12 +807,25 @@ class Store:
             "seconds": lease.seconds,
             "heartbeat": server_now,
         }
-        claimed = self.batches.update_one(
-            {"_id": lease.batch_id, "runner": held}, {"$set": {"runner": runner}}
-        )
+        owner = (rows[0].get("tally") or {}).get("owner")
+        # Totals exact as the last run left them carry over; otherwise they are recounted
+        # (the previous runner was killed between a write and its count, or none are kept).
+        kept = owner is not None and _tally_trusted(owner, holder, alive=False)
+        query: dict[str, Any] = {"_id": lease.batch_id, "runner": held}
+        claim: dict[str, Any] = {"runner": runner}
+        if kept:
+            query["tally.owner"] = owner
+            claim["tally.owner"] = lease.token
+        claimed = self._batches.update_one(query, {"$set": claim})
         if claimed.matched_count == 0:  # another process claimed it in between
-            doc = self.batches.find_one({"_id": lease.batch_id}, {"runner": 1}) or {}
+            doc = self._batches.find_one({"_id": lease.batch_id}, {"runner": 1}) or {}
             raise _busy(lease.batch_id, _holder(doc.get("runner")))
+        if not kept:
+            tally = self._recount(lease.batch_id)
+            self._batches.update_one(
+                {"_id": lease.batch_id, "runner.token": lease.token},
+                {"$set": {"tally": _tally_doc(tally, lease.token)}},
+            )
 
     def set_batch_status(
         self,
@@ -771,7 +850,7 @@ class Store:
         if lease is not None:
             lease.check()
             query["runner.token"] = lease.token
-        return self.batches.update_one(query, update).matched_count == 1
+        return self._batches.update_one(query, update).matched_count == 1
 
     def prepare_conversations(
         self,
@@ -790,18 +869,26 @@ class Store:
                 self._conversation_doc(batch, exp, index, spec, agents, summarizer_prompt)
             )
             if len(buffer) >= chunk:
-                self._insert_ignoring_duplicates(buffer)
+                self._insert_counted(batch.id, buffer)
                 buffer = []
         if buffer:
-            self._insert_ignoring_duplicates(buffer)
-        self.batches.update_one({"_id": batch.id}, {"$set": {"prepared": True, "status": "ready"}})
+            self._insert_counted(batch.id, buffer)
+        self._batches.update_one({"_id": batch.id}, {"$set": {"prepared": True, "status": "ready"}})
 
-    def _insert_ignoring_duplicates(self, docs: list[dict]) -> None:
+    def _insert_counted(self, batch_id: str, docs: list[dict]) -> None:
+        with self._tallying(batch_id, None) as held:
+            n = self._insert_ignoring_duplicates(docs)
+            if held is not None:
+                self._tally_add(held, {f"counts.{ConversationStatus.PENDING.value}": n})
+
+    def _insert_ignoring_duplicates(self, docs: list[dict]) -> int:
+        """Insert what is not stored yet; returns how many were inserted."""
         try:
-            self.conversations.insert_many(docs, ordered=False)
+            return len(self._conversations.insert_many(docs, ordered=False).inserted_ids)
         except BulkWriteError as e:
             if any(err.get("code") != 11000 for err in e.details.get("writeErrors", [])):
                 raise
+            return int(e.details.get("nInserted", 0))
 
     def _conversation_doc(
         self,
@@ -853,7 +940,7 @@ class Store:
                 "status": {"$in": list(UNFINISHED)},
                 "index": {"$gt": last},
             }
-            docs = list(self.conversations.find(query).sort("index", 1).limit(page))
+            docs = list(self._conversations.find(query).sort("index", 1).limit(page))
             for doc in docs:
                 yield _conversation(doc)
             if len(docs) < page:
@@ -861,26 +948,26 @@ class Store:
             last = docs[-1]["index"]
 
     def count_unfinished(self, batch_id: str) -> int:
-        return self.conversations.count_documents(
+        return self._conversations.count_documents(
             {"batch_id": batch_id, "status": {"$in": list(UNFINISHED)}}
         )
 
     def batch_counts(self, batch_id: str) -> dict[str, int]:
-        rows = self.conversations.aggregate(
+        rows = self._conversations.aggregate(
             [{"$match": {"batch_id": batch_id}}, {"$group": {"_id": "$status", "n": {"$sum": 1}}}]
         )
         return {r["_id"]: r["n"] for r in rows}
 
     def count_unusable(self, batch_id: str) -> int:
         """Completed conversations of the batch whose quality verdict is `usable: false`."""
-        return self.conversations.count_documents({"batch_id": batch_id, "usable": False})
+        return self._conversations.count_documents({"batch_id": batch_id, "usable": False})
 
     def batch_totals(self, batch_id: str) -> BatchTotals:
         """Messages, tokens, retries and failures of a batch (for status and summaries)."""
         # Matched on the batch id every record carries: matching a list of the batch's
         # conversation ids instead takes seconds on the embedded server for 1,000 of them.
         totals = BatchTotals()
-        for coll in (self.messages, self.summaries, self.selector_calls):
+        for coll in (self._messages, self._summaries, self._selector_calls):
             for row in coll.aggregate(
                 [
                     {"$match": {"batch_id": batch_id}},
@@ -896,14 +983,14 @@ class Store:
                     },
                 ]
             ):
-                if coll is self.messages:
+                if coll is self._messages:
                     totals.messages = row["n"]
                 totals.prompt_tokens += row["prompt_tokens"]
                 totals.completion_tokens += row["completion_tokens"]
                 totals.retries += row["retries"]
                 totals.calls += row["calls"]
         # Retries of calls that failed for good are kept on their conversation (no message holds them).
-        for row in self.conversations.aggregate(
+        for row in self._conversations.aggregate(
             [
                 {"$match": {"batch_id": batch_id, "failed_call_retries": {"$gt": 0}}},
                 {"$group": {"_id": None, "retries": {"$sum": "$failed_call_retries"}}},
@@ -917,17 +1004,95 @@ class Store:
         """(conversation id, error) of the batch's failed conversations."""
         return [
             (d["_id"], d.get("error") or "")
-            for d in self.conversations.find(
+            for d in self._conversations.find(
                 {"batch_id": batch_id, "status": "failed"}, {"error": 1}
             )
         ]
 
+    # --- running totals of a batch ----------------------------------------------------------
+    # `status` shows them from the batch document instead of counting every conversation and
+    # message. Every write of a run adds to them ($inc) while its lease holds them; a write
+    # made without the batch's lease marks them stale; a run killed between a write and its
+    # count leaves them untrusted. Untrusted totals are recounted (and stored again).
+
+    def batch_progress(self, batch: BatchRecord) -> BatchTally:
+        """Conversations by status and the totals of a batch (failures included)."""
+        t = batch.tally
+        holder = batch.holder
+        if t is not None and _tally_trusted(t.owner, holder, alive=batch.runner_alive is True):
+            tally = BatchTally(dict(t.counts), dataclasses.replace(t.totals), t.owner)
+            tally.totals.failures = self.batch_failures(batch.id) if t.counts.get("failed") else []
+            return tally
+        tally = self._recount(batch.id)
+        tally.totals.failures = self.batch_failures(batch.id)
+        query: dict[str, Any] | None = None
+        if holder is None and batch.status.finished:
+            query = {"_id": batch.id, "runner": {"$exists": False}}
+            tally.owner = TALLY_RELEASED
+        elif holder is not None and batch.runner_alive is False and holder.token:
+            query = {"_id": batch.id, "runner.token": holder.token}
+            tally.owner = f"{TALLY_CHECKED}{holder.token}"
+        if query is not None:
+            query["tally.owner"] = t.owner if t is not None else {"$exists": False}
+            self._batches.update_one(query, {"$set": {"tally": _tally_doc(tally, tally.owner)}})
+        return tally
+
+    def _recount(self, batch_id: str) -> BatchTally:
+        counts = self.batch_counts(batch_id)
+        totals = self.batch_totals(batch_id)
+        totals.failures = []
+        return BatchTally(counts, totals)
+
+    def _batch_of(self, conv_id: str, lease: Lease | None) -> str | None:
+        if lease is not None:
+            return lease.batch_id
+        doc = self._conversations.find_one({"_id": conv_id}, {"batch_id": 1})
+        return doc.get("batch_id") if doc else None
+
+    @contextmanager
+    def _tallying(self, batch_id: str | None, lease: Lease | None) -> Iterator[Lease | None]:
+        """Around a write that changes a batch's totals: yields the lease whose totals it
+        adds to, or None (the totals are marked stale first). A write that fails, or is
+        still in flight when the run ends, leaves the totals to be recounted."""
+        if not batch_id:
+            yield None
+            return
+        held = lease if lease is not None else self._leases.get(batch_id)
+        if held is None or held.batch_id != batch_id:
+            self._tally_stale(batch_id)
+            yield None
+            return
+        with held.writing_lock:
+            held.writing += 1
+        try:
+            yield held
+        except LeaseLost:
+            raise  # refused before anything was written
+        except BaseException:
+            held.tally_ok = False
+            raise
+        finally:
+            with held.writing_lock:
+                held.writing -= 1
+
+    def _tally_add(self, lease: Lease, inc: dict[str, int]) -> None:
+        changes = {f"tally.{k}": v for k, v in inc.items() if v}
+        if changes:
+            self._batches.update_one(
+                {"_id": lease.batch_id, "tally.owner": lease.token}, {"$inc": changes}
+            )
+
+    def _tally_stale(self, batch_id: str) -> None:
+        self._batches.update_one(
+            {"_id": batch_id, "tally": {"$exists": True}}, {"$unset": {"tally": ""}}
+        )
+
     # --- conversations --------------------------------------------------------------------
 
     def get_conversation(self, ref: str) -> ConversationRecord:
-        doc = self._resolve(self.conversations, ref, "conversation")
+        doc = self._resolve(self._conversations, ref, "conversation")
         record = _conversation(doc)
-        record.message_count = self.messages.count_documents({"conversation_id": record.id})
+        record.message_count = self._messages.count_documents({"conversation_id": record.id})
         return record
 
     def list_conversations(
@@ -938,23 +1103,35 @@ class Store:
         where: dict[str, str] | None = None,
         limit: int = 0,
         prompts: bool = False,
+        message_counts: bool = True,
     ) -> list[ConversationRecord]:
-        """Conversations in creation order, with their stored message counts (0: no limit).
+        """Conversations in creation order, with their stored message counts (0: no limit;
+        `message_counts=False` leaves them 0, which saves reading every message).
 
         `where` filters by condition (see CONVERSATION_FILTERS), e.g. {"llm": "llama3",
         "agents_guard": "2", "status": "failed"}. Without `prompts` the records leave out the
         composed prompts (agents' system prompts and the summarizer's): a listing does not
         need them, and they are most of a conversation's size.
         """
-        query: dict[str, Any] = conversation_filter(where or {})
-        if experiment_id:
-            query["experiment_id"] = experiment_id
-        if batch_id:
-            query["batch_id"] = batch_id
+        conditions = conversation_filter(where or {})
         projection = None if prompts else {"agents.system_prompt": 0, "summarizer_prompt": 0}
-        cursor = self.conversations.find(query, projection).sort([("created_at", 1), ("index", 1)])
-        docs = list(cursor.limit(limit))
-        counts = self._message_counts(docs)
+        if limit:
+            docs = list(
+                itertools.islice(
+                    self._conversation_pages(experiment_id, batch_id, conditions, projection),
+                    limit,
+                )
+            )
+        else:
+            query: dict[str, Any] = dict(conditions)
+            if experiment_id:
+                query["experiment_id"] = experiment_id
+            if batch_id:
+                query["batch_id"] = batch_id
+            # Sorted here: the embedded server sorts thousands of documents slowly.
+            docs = list(self._conversations.find(query, projection))
+            docs.sort(key=lambda d: (d["created_at"], d.get("index", 0)))
+        counts = self._message_counts(docs) if message_counts else {}
         out = []
         for d in docs:
             rec = _conversation(d)
@@ -962,10 +1139,53 @@ class Store:
             out.append(rec)
         return out
 
+    def _conversation_pages(
+        self,
+        experiment_id: str | None,
+        batch_id: str | None,
+        conditions: dict[str, Any],
+        projection: dict[str, Any] | None,
+        page: int = 200,
+    ) -> Iterator[dict]:
+        """Conversations in creation order, read a range of grid indexes at a time: the
+        first few cost a few documents, not the experiment's thousands (the embedded server
+        reads every document a query's index range holds, whatever the limit). Conditions
+        are checked here, so that the (batch, index) range is what the server looks up."""
+        if batch_id:
+            batches = [batch_id]
+        else:
+            # Conversations without a batch (older imports) come first: they are older.
+            loose = self._conversations.find(
+                {"batch_id": None, "experiment_id": experiment_id, **conditions}, projection
+            )
+            yield from sorted(loose, key=lambda d: (d["created_at"], d.get("index", 0)))
+            batches = [
+                b["_id"]
+                for b in self._batches.find(
+                    {"experiment_id": experiment_id}, {"created_at": 1}
+                ).sort("created_at", 1)
+            ]
+        for b in batches:
+            start = 0
+            while True:
+                docs = list(
+                    self._conversations.find(
+                        {"batch_id": b, "index": {"$gte": start, "$lt": start + page}}, projection
+                    ).sort("index", 1)
+                )
+                if experiment_id:
+                    docs = [d for d in docs if d.get("experiment_id") == experiment_id]
+                yield from (d for d in docs if _matches(d, conditions))
+                if not docs and not self._conversations.count_documents(
+                    {"batch_id": b, "index": {"$gte": start}}, limit=1
+                ):
+                    break
+                start += page
+
     def _message_counts(self, docs: list[dict]) -> dict[str, int]:
         """Stored messages per conversation, for these conversation documents.
 
-        A few conversations: matched by id. Many: counted over their whole batches, matched by
+        Up to 200 conversations: matched by id. More: counted over their whole batches, matched by
         the batch id every message carries (a list of thousands of ids is slow to match).
         """
         if not docs:
@@ -973,13 +1193,15 @@ class Store:
         wanted = {d["_id"] for d in docs}
         batch_ids = {d.get("batch_id") for d in docs}
         groups: list[dict[str, Any]]
-        if len(docs) <= 50 or None in batch_ids:
-            groups = [{"conversation_id": {"$in": sorted(wanted)}}]
+        if len(docs) <= 200 or None in batch_ids:
+            # In lists of 50: the embedded server matches a list in time growing with its square.
+            ids = sorted(wanted)
+            groups = [{"conversation_id": {"$in": ids[i : i + 50]}} for i in range(0, len(ids), 50)]
         else:
             groups = [{"batch_id": b} for b in sorted(str(b) for b in batch_ids)]
         counts: dict[str, int] = {}
         for match in groups:
-            for r in self.messages.aggregate(
+            for r in self._messages.aggregate(
                 [{"$match": match}, {"$group": {"_id": "$conversation_id", "n": {"$sum": 1}}}]
             ):
                 if r["_id"] in wanted:
@@ -989,12 +1211,22 @@ class Store:
     def transcripts(
         self, records: Iterable[ConversationRecord], chunk: int = 50
     ) -> Iterator[tuple[ConversationRecord, Transcript]]:
-        """Each record with its stored transcript, in the records' order: three queries per
-        `chunk` conversations (not per conversation), and one chunk in memory at a time.
-        (SecantusDB matches a `$in` list in time growing with its square: 50 ids take
-        30 ms, 1,000 take 6 s.)"""
-        batch: list[ConversationRecord] = []
+        """Each record with its stored transcript, a batch at a time.
+
+        Many conversations of one batch (more than `chunk`) are read whole, four queries for
+        the batch, sorted by conversation so that one conversation at a time is in memory;
+        they come in the order of their ids. Others come in the records' order, three
+        queries per `chunk` conversations. (SecantusDB matches a `$in` list in time growing
+        with its square: 50 ids take 30 ms, 1,000 take 6 s.)"""
+        records = list(records)
+        by_batch: dict[str | None, list[ConversationRecord]] = {}
         for rec in records:
+            by_batch.setdefault(rec.batch_id, []).append(rec)
+        whole = {b for b, recs in by_batch.items() if b is not None and len(recs) > chunk}
+        for b in whole:
+            yield from self._batch_transcripts(b, {r.id: r for r in by_batch[b]})
+        batch: list[ConversationRecord] = []
+        for rec in (r for r in records if r.batch_id not in whole):
             batch.append(rec)
             if len(batch) >= chunk:
                 yield from self._transcripts(batch)
@@ -1002,16 +1234,47 @@ class Store:
         if batch:
             yield from self._transcripts(batch)
 
+    def _batch_transcripts(
+        self, batch_id: str, wanted: dict[str, ConversationRecord]
+    ) -> Iterator[tuple[ConversationRecord, Transcript]]:
+        """Three queries for the whole batch, unsorted: the embedded server sorts 40,000
+        records in about twice the time it takes to read them, so they are grouped here (one
+        batch's records in memory at a time; an export of several batches reads one after
+        the other)."""
+        query = {"batch_id": batch_id}
+        skip = {"_id": 0, "batch_id": 0, "created_at": 0}
+        found: dict[str, Transcript] = {conv_id: Transcript() for conv_id in wanted}
+        for d in self._messages.find(query, skip):
+            if (t := found.get(d["conversation_id"])) is not None:
+                t.messages.append(_message(d))
+        for d in self._summaries.find(query, skip):
+            if (t := found.get(d["conversation_id"])) is not None:
+                t.summaries.append(Summary(d["day"], d["content"], _usage(d.get("usage"))))
+        calls = [d for d in self._selector_calls.find(query, skip) if d["conversation_id"] in found]
+        calls.sort(key=lambda d: (d["day"], d["turn"], d.get("attempt", 0)))
+        for d in calls:
+            found[d["conversation_id"]].selector_calls.append(
+                SelectorCall(
+                    d["day"], d["turn"], d["answer"], d.get("chosen"), _usage(d.get("usage"))
+                )
+            )
+        for conv_id in sorted(wanted):
+            t = found.pop(conv_id)
+            t.messages.sort(key=lambda m: (m.day, m.turn))
+            t.summaries.sort(key=lambda s: s.day)
+            t.fallbacks = count_fallbacks(t.selector_calls)
+            yield wanted[conv_id], t
+
     def _transcripts(
         self, records: list[ConversationRecord]
     ) -> Iterator[tuple[ConversationRecord, Transcript]]:
         query = {"conversation_id": {"$in": [r.id for r in records]}}
         found: dict[str, Transcript] = {r.id: Transcript() for r in records}
-        for d in self.messages.find(query, {"_id": 0, "batch_id": 0, "created_at": 0}):
+        for d in self._messages.find(query, {"_id": 0, "batch_id": 0, "created_at": 0}):
             found[d["conversation_id"]].messages.append(_message(d))
-        for d in self.summaries.find(query, {"_id": 0, "batch_id": 0, "created_at": 0}):
+        for d in self._summaries.find(query, {"_id": 0, "batch_id": 0, "created_at": 0}):
             found[d["conversation_id"]].summaries.append(_summary(d))
-        calls = list(self.selector_calls.find(query, {"_id": 0, "batch_id": 0, "created_at": 0}))
+        calls = list(self._selector_calls.find(query, {"_id": 0, "batch_id": 0, "created_at": 0}))
         calls.sort(key=lambda d: (d["day"], d["turn"], d.get("attempt", 0)))
         for d in calls:
             found[d["conversation_id"]].selector_calls.append(
@@ -1040,7 +1303,13 @@ class Store:
             lease.check()
             query["status"] = {"$in": [s.value for s in UNFINISHED]}
             changes["lease"] = lease.token
-        return self.conversations.update_one(query, {"$set": changes}).matched_count == 1
+        with self._tallying(self._batch_of(conv_id, lease), lease) as held:
+            before = self._conversations.find_one_and_update(
+                query, {"$set": changes}, {"status": 1}
+            )
+            if before is not None and held is not None:
+                self._tally_add(held, _moved(before.get("status"), ConversationStatus.RUNNING))
+        return before is not None
 
     def finish_conversation(
         self,
@@ -1075,7 +1344,13 @@ class Store:
         if lease is not None:
             lease.check()
             query.update(status=ConversationStatus.RUNNING.value, lease=lease.token)
-        return self.conversations.update_one(query, update).matched_count == 1
+        with self._tallying(self._batch_of(conv_id, lease), lease) as held:
+            before = self._conversations.find_one_and_update(query, update, {"status": 1})
+            if before is not None and held is not None:
+                inc = _moved(before.get("status"), status)
+                inc["retries"] = failed_call_retries
+                self._tally_add(held, inc)
+        return before is not None
 
     def mark_interrupted(self, batch_id: str, lease: Lease | None = None) -> int:
         """Running conversations of a stopped batch become `interrupted` (resume picks them
@@ -1084,23 +1359,31 @@ class Store:
         if lease is not None:
             lease.check()
             query["lease"] = lease.token
-        return self.conversations.update_many(
-            query, {"$set": {"status": ConversationStatus.INTERRUPTED.value}}
-        ).modified_count
+        with self._tallying(batch_id, lease) as held:
+            n = self._conversations.update_many(
+                query, {"$set": {"status": ConversationStatus.INTERRUPTED.value}}
+            ).modified_count
+            if held is not None:
+                self._tally_add(
+                    held, _moved(ConversationStatus.RUNNING, ConversationStatus.INTERRUPTED, n)
+                )
+        return n
 
     def set_conversation_favourite(self, ref: str, favourite: bool) -> None:
         """Star (or unstar) a conversation for the current user; anyone's conversation."""
-        doc = self._resolve(self.conversations, ref, "conversation")
-        self._star(self.conversations, doc, favourite)
+        doc = self._resolve(self._conversations, ref, "conversation")
+        self._star(self._conversations, doc, favourite)
 
     def delete_conversation(self, ref: str) -> Deleted:
-        doc = self._resolve(self.conversations, ref, "conversation", {"creator": 1})
+        doc = self._resolve(self._conversations, ref, "conversation", {"creator": 1, "batch_id": 1})
         if doc.get("creator") != self.user:
             raise PermissionDenied(
                 f"Only {doc.get('creator')!s}, who created conversation {doc['_id']}, can "
                 f"delete it; you are {self.user}. Ask them to delete it if it should go."
             )
         deleted = Deleted()
+        if doc.get("batch_id"):
+            self._tally_stale(doc["batch_id"])  # recounted when next shown
         self._delete_conversation_data([doc["_id"]], deleted)
         return deleted
 
@@ -1145,30 +1428,59 @@ class Store:
             lease.check()
         outcome: list[BaseException | None] = [None] * len(records)
         built = [self._record(c, event, attempt, b) for c, event, attempt, b in records]
-        by_collection: dict[str, list[int]] = {}
-        for i, (collection, *_rest) in enumerate(built):
-            by_collection.setdefault(collection.name, []).append(i)
-        for positions in by_collection.values():
-            collection = built[positions[0]][0]
-            docs = [built[i][1] for i in positions]
-            retry: list[int] = []
-            try:
-                collection.insert_many(docs, ordered=False)
-            except BulkWriteError as e:
-                for err in e.details.get("writeErrors", []):
-                    i = positions[err["index"]]
-                    if err.get("code") == 11000:
-                        outcome[i] = self._duplicate(*built[i])
-                    else:
-                        retry.append(i)
-            except (DocumentTooLarge, OperationFailure):
-                retry = positions  # nothing or part stored: each alone, duplicates accepted
-            for i in retry:
-                try:
-                    self._insert_once(*built[i], lease=None)
-                except (LeaseLost, RecordTooLarge, OperationFailure) as e:
-                    outcome[i] = e
+        groups: dict[tuple[str | None, str], list[int]] = {}
+        for i, (collection, doc, *_rest) in enumerate(built):
+            groups.setdefault((doc["batch_id"], collection.name), []).append(i)
+        for (batch_id, _name), positions in groups.items():
+            with self._tallying(batch_id, lease) as held:
+                stored = self._insert_many(built, positions, outcome)
+                if held is None:
+                    continue
+                if stored is None:  # unknown which landed: the totals are recounted
+                    held.tally_ok = False
+                    continue
+                inc: dict[str, int] = {}
+                for i in stored:
+                    collection, doc, *_rest = built[i]
+                    for k, v in _usage_inc(doc.get("usage")).items():
+                        inc[k] = inc.get(k, 0) + v
+                    if collection is self._messages:
+                        inc["messages"] = inc.get("messages", 0) + 1
+                self._tally_add(held, inc)
         return outcome
+
+    def _insert_many(
+        self, built: list[tuple], positions: list[int], outcome: list[BaseException | None]
+    ) -> list[int] | None:
+        """Insert the records at `positions` (one collection) in one round trip; returns
+        the positions this insert stored, or None when that is unknown (the failed ones
+        were retried alone, each counting itself)."""
+        collection = built[positions[0]][0]
+        docs = [built[i][1] for i in positions]
+        retry: list[int] = []
+        failed: set[int] = set()
+        unknown = False
+        try:
+            collection.insert_many(docs, ordered=False)
+        except BulkWriteError as e:
+            for err in e.details.get("writeErrors", []):
+                i = positions[err["index"]]
+                failed.add(i)
+                if err.get("code") == 11000:
+                    outcome[i] = self._duplicate(*built[i])
+                else:
+                    retry.append(i)
+        except (DocumentTooLarge, OperationFailure):
+            retry = positions  # nothing or part stored: each alone, duplicates accepted
+            unknown = True
+        for i in retry:
+            try:
+                self._insert_once(*built[i], lease=None)
+            except (LeaseLost, RecordTooLarge, OperationFailure) as e:
+                outcome[i] = e
+        if unknown:
+            return None
+        return [i for i in positions if i not in failed]
 
     def _record(
         self,
@@ -1195,7 +1507,7 @@ class Store:
                 created_at=now(),
             )
             what = f"message {m.turn} of day {m.day}"
-            return self.messages, doc, ("day", "turn"), ("speaker", "content", "raw"), what
+            return self._messages, doc, ("day", "turn"), ("speaker", "content", "raw"), what
         if isinstance(event, Summary):
             doc.update(
                 day=event.day,
@@ -1205,7 +1517,7 @@ class Store:
                 flags=list(event.flags),
                 created_at=now(),
             )
-            return self.summaries, doc, ("day",), ("content",), f"summary of day {event.day}"
+            return self._summaries, doc, ("day",), ("content",), f"summary of day {event.day}"
         c = event
         assert attempt is not None
         doc.update(
@@ -1218,7 +1530,7 @@ class Store:
             created_at=now(),
         )
         what = f"speaker selection {attempt + 1} for message {c.turn} of day {c.day}"
-        return self.selector_calls, doc, ("day", "turn", "attempt"), ("answer", "chosen"), what
+        return self._selector_calls, doc, ("day", "turn", "attempt"), ("answer", "chosen"), what
 
     def _insert_once(
         self,
@@ -1237,21 +1549,42 @@ class Store:
         means another run wrote this turn: that is never swallowed (it would hide a run
         regenerating what is stored, or two runs writing one conversation).
         """
+        with self._tallying(doc.get("batch_id"), lease) as held:
+            if lease is not None:
+                lease.check()
+            if not self._insert_record(collection, doc, key=key, same=same, what=what):
+                return  # a retried write whose first attempt landed: counted then, or recounted
+            if held is not None:
+                inc = _usage_inc(doc.get("usage"))
+                if collection is self._messages:
+                    inc["messages"] = 1
+                self._tally_add(held, inc)
+
+    def _insert_record(
+        self,
+        collection: pymongo.collection.Collection,
+        doc: dict,
+        *,
+        key: tuple[str, ...],
+        same: tuple[str, ...],
+        what: str,
+    ) -> bool:
+        """Insert; False when this very record is stored already (no error)."""
         conv_id = doc["conversation_id"]
-        if lease is not None:
-            lease.check()
         try:
             collection.insert_one(doc)
         except DuplicateKeyError:
             error = self._duplicate(collection, doc, key, same, what)
             if error is not None:
                 raise error from None
+            return False
         except DocumentTooLarge:
             raise _too_large(conv_id, what, doc) from None
         except OperationFailure as e:
             if e.code in _TOO_LARGE_CODES or "too large" in str(e).lower():
                 raise _too_large(conv_id, what, doc) from None
             raise
+        return True
 
     def _duplicate(
         self,
@@ -1281,14 +1614,17 @@ class Store:
         """
         query = {"conversation_id": conv_id}
         t = Transcript()
-        for d in self.messages.find(query).sort([("day", 1), ("turn", 1)]):
+        for d in self._messages.find(query).sort([("day", 1), ("turn", 1)]):
             t.messages.append(_message(d))
-        for d in self.summaries.find(query).sort("day", 1):
+        for d in self._summaries.find(query).sort("day", 1):
             t.summaries.append(_summary(d))
         spoken = {(m.day, m.turn) for m in t.messages}
-        for d in self.selector_calls.find(query).sort([("day", 1), ("turn", 1), ("attempt", 1)]):
+        for d in self._selector_calls.find(query).sort([("day", 1), ("turn", 1), ("attempt", 1)]):
             if discard_partial and (d["day"], d["turn"]) not in spoken:
-                self.selector_calls.delete_one({"_id": d["_id"]})
+                with self._tallying(d.get("batch_id"), None) as held:
+                    gone = self._selector_calls.delete_one({"_id": d["_id"]}).deleted_count
+                    if gone and held is not None:
+                        self._tally_add(held, _usage_inc(d.get("usage"), -1))
                 continue
             t.selector_calls.append(
                 SelectorCall(
@@ -1305,7 +1641,7 @@ class Store:
     def imported(self, kind: str) -> dict[str, str]:
         """{prototype id: our id} of the experiments, batches or conversations imported so far."""
         assert kind in self._IMPORTABLE
-        docs = self.db[kind].find({"legacy_id": {"$exists": True}}, {"legacy_id": 1})
+        docs = self._db[kind].find({"legacy_id": {"$exists": True}}, {"legacy_id": 1})
         return {d["legacy_id"]: d["_id"] for d in docs}
 
     def mark_imported(
@@ -1327,7 +1663,7 @@ class Store:
             changes["total"] = total
         if note:
             changes["note"] = note
-        self.db[kind].update_one({"_id": our_id}, {"$set": changes})
+        self._db[kind].update_one({"_id": our_id}, {"$set": changes})
 
     # --- scores (issue 11): outcomes of stored conversations, annotation sheets --------------
     # One document per (conversation, message, scorer, version, source); message is "" for a
@@ -1335,7 +1671,7 @@ class Store:
     # write changes nothing. A human's answers replace that human's earlier ones.
 
     def _ensure_score_indexes(self) -> None:
-        scores = self.db["scores"]
+        scores = self._scores
         scores.create_index([(k, 1) for k in SCORE_KEY], unique=True)
         scores.create_index([("experiment_id", 1), ("scorer", 1)])
         scores.create_index([("conversation_id", 1)])
@@ -1345,7 +1681,7 @@ class Store:
         doc = _score_doc(score, self.user)
         key = {k: doc[k] for k in SCORE_KEY}
         try:
-            result = self.db["scores"].update_one(key, {"$setOnInsert": doc}, upsert=True)
+            result = self._scores.update_one(key, {"$setOnInsert": doc}, upsert=True)
         except DuplicateKeyError:  # another process wrote the same item in between
             return False
         return result.upserted_id is not None
@@ -1361,7 +1697,7 @@ class Store:
                 pymongo.ReplaceOne(key, {k: v for k, v in doc.items() if k != "_id"}, upsert=True)
             )
         if ops:
-            self.db["scores"].bulk_write(ops, ordered=True)
+            self._scores.bulk_write(ops, ordered=True)
         return len(ops)
 
     def scored_items(
@@ -1373,7 +1709,7 @@ class Store:
             chunk = conversation_ids[start : start + 50]
             query = {"scorer": scorer, "version": version, "source": source,
                      "conversation_id": {"$in": chunk}}  # fmt: skip
-            for d in self.db["scores"].find(query, {"conversation_id": 1, "message": 1}):
+            for d in self._scores.find(query, {"conversation_id": 1, "message": 1}):
                 found.add((d["conversation_id"], d.get("message") or ""))
         return found
 
@@ -1392,7 +1728,7 @@ class Store:
                            ("scorer", scorer), ("version", version), ("source", source)):  # fmt: skip
             if value is not None:
                 query[key] = value
-        docs = self.db["scores"].find(query, {"prompt": 0})
+        docs = self._scores.find(query, {"prompt": 0})
         return [_score(d) for d in docs.sort([("conversation_id", 1), ("message", 1),
                                               ("scorer", 1), ("source", 1)])]  # fmt: skip
 
@@ -1402,12 +1738,61 @@ class Store:
         doc["items"] = {k: list(v) for k, v in sheet.items.items()}
         doc["creator"] = self.user
         doc["created_at"] = now()
-        self.db["annotation_sheets"].insert_one(doc)
+        self._annotation_sheets.insert_one(doc)
         return _sheet(doc)
 
     def get_sheet(self, sheet_id: str) -> AnnotationSheet | None:
-        doc = self.db["annotation_sheets"].find_one({"_id": sheet_id})
+        doc = self._annotation_sheets.find_one({"_id": sheet_id})
         return _sheet(doc) if doc else None
+
+
+TALLY_RELEASED = "released"
+TALLY_CHECKED = "checked:"
+_TALLY_USAGE = ("prompt_tokens", "completion_tokens", "retries", "calls")
+
+
+def _tally_trusted(owner: str, holder: LeaseHolder | None, *, alive: bool) -> bool:
+    """Whether totals kept by `owner` are exact, given who holds the batch now."""
+    if holder is None:
+        return owner == TALLY_RELEASED
+    if alive:
+        return owner == holder.token
+    return owner == f"{TALLY_CHECKED}{holder.token}"
+
+
+def _tally_doc(tally: BatchTally, owner: str) -> dict[str, Any]:
+    doc: dict[str, Any] = {"owner": owner, "counts": dict(tally.counts)}
+    doc["messages"] = tally.totals.messages
+    for k in _TALLY_USAGE:
+        doc[k] = getattr(tally.totals, k)
+    return doc
+
+
+def _tally(doc: Any) -> BatchTally | None:
+    if not isinstance(doc, dict) or not doc.get("owner"):
+        return None
+    totals = BatchTotals(messages=int(doc.get("messages") or 0))
+    for k in _TALLY_USAGE:
+        setattr(totals, k, int(doc.get(k) or 0))
+    counts = {str(k): int(v) for k, v in (doc.get("counts") or {}).items() if v}
+    return BatchTally(counts, totals, str(doc["owner"]))
+
+
+def _usage_inc(usage: Any, sign: int = 1) -> dict[str, int]:
+    usage = usage if isinstance(usage, dict) else {}
+    return {k: sign * int(usage.get(k) or 0) for k in _TALLY_USAGE}
+
+
+def _moved(before: Any, after: Any, n: int = 1) -> dict[str, int]:
+    """Counts change when `n` conversations go from status `before` to `after`."""
+    before, after = str(before), str(after)
+    return {} if before == after else {f"counts.{before}": -n, f"counts.{after}": n}
+
+
+def _batch_size(doc: dict) -> int:
+    """Conversations a batch holds: as its kept totals count them, else its grid's size."""
+    counts = (doc.get("tally") or {}).get("counts")
+    return sum(counts.values()) if counts else int(doc.get("total") or 0)
 
 
 SCORE_KEY = ("conversation_id", "message", "scorer", "version", "source")
@@ -1611,6 +1996,21 @@ def conversation_filter(where: dict[str, str]) -> dict[str, Any]:
     return query
 
 
+def _matches(doc: dict, query: dict[str, Any]) -> bool:
+    """Whether a document meets a conversation_filter query (equalities and one `$or`)."""
+    for key, wanted in query.items():
+        if key == "$or":
+            if not any(_matches(doc, q) for q in wanted):
+                return False
+            continue
+        value: Any = doc
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value != wanted:
+            return False
+    return True
+
+
 def parse_where(items: Iterable[str]) -> dict[str, str]:
     """`--where KEY=VALUE` options (repeatable) as a dict; a clear error for a malformed one."""
     where: dict[str, str] = {}
@@ -1707,6 +2107,7 @@ def _batch(doc: dict) -> BatchRecord:
         error=doc.get("error"),
         elapsed=float(doc.get("elapsed") or 0.0),
         holder=_holder(doc.get("runner")),
+        tally=_tally(doc.get("tally")),
     )
 
 

@@ -38,7 +38,7 @@ def humans(store: Store) -> list:
     return [s for s in store.list_scores() if s.source.startswith("human:")]
 
 
-def test_xlsx_round_trip_with_a_drop_down_and_reimport_replaces(stored, tmp_path):
+def test_xlsx_round_trip_with_a_drop_down_and_reimport_replaces(db, stored, tmp_path):
     store, exp = stored
     out = tmp_path / "anna.xlsx"
     sheet = export_sheet(store, exp.id, "goal_achieved", "anna", out, scorers_file=SCORERS)
@@ -74,11 +74,11 @@ def test_xlsx_round_trip_with_a_drop_down_and_reimport_replaces(stored, tmp_path
     scores = humans(store)
     assert len(scores) == 4  # replaced, never duplicated
     assert sorted(s.value for s in scores) == ["No", "No", "NotTried", "Yes"]
-    assert store.db["scores"].count_documents({}) == 4
+    assert db["scores"].count_documents({}) == 4
 
 
 def test_a_sheet_with_bad_rows_is_refused_naming_them_and_nothing_is_stored(
-    stored, tmp_path, settings, env_for
+    db, stored, tmp_path, settings, env_for
 ):
     store, exp = stored
     out = tmp_path / "ben.csv"
@@ -100,16 +100,18 @@ def test_a_sheet_with_bad_rows_is_refused_naming_them_and_nothing_is_stored(
     assert "row 3" in message and "'Maybe' is not an allowed answer" in message
     assert "row 5" in message and "unknown item_id" in message
     assert "row 2" not in message and "row 4" not in message
-    assert store.db["scores"].count_documents({}) == 0
+    assert db["scores"].count_documents({}) == 0
 
     result = CliRunner().invoke(
         app, ["annotate", "import", str(out), "--annotator", "ben"], env=env_for(settings)
     )
     assert result.exit_code == 1 and "row 3" in result.output and "Traceback" not in result.output
-    assert store.db["scores"].count_documents({}) == 0
+    assert db["scores"].count_documents({}) == 0
 
 
-def test_blind_sample_hides_conditions_and_turns_are_checked(stored, tmp_path, settings, env_for):
+def test_blind_sample_hides_conditions_and_turns_are_checked(
+    db, stored, tmp_path, settings, env_for
+):
     store, exp = stored
     out = tmp_path / "turns.csv"
     result = CliRunner().invoke(
@@ -131,7 +133,7 @@ def test_blind_sample_hides_conditions_and_turns_are_checked(stored, tmp_path, s
         writer.writerows(rows)
     with pytest.raises(SheetRejected, match=r"row 4 .*'7' is not an allowed answer"):
         import_sheet(store, out, "cleo")
-    assert store.db["scores"].count_documents({}) == 0
+    assert db["scores"].count_documents({}) == 0
     rows[2]["turn_goal_achieved"] = "6"
     with out.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -141,7 +141,7 @@ def test_server_down_for_a_stretch_fails_conversations_then_resume_completes(cli
             server.down = True
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
-                if alice.conversations.count_documents({"status": "failed"}) >= 2:
+                if db.conversations.count_documents({"status": "failed"}) >= 2:
                     break
                 time.sleep(0.005)
             server.down = False

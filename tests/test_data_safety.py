@@ -71,7 +71,7 @@ def run_batch(db, user: str, exp_id: str, repetitions: int = 2) -> str:
     return report.batch_id
 
 
-def fill(store: Store, exp_id: str, n: int) -> str:
+def fill(db, store: Store, exp_id: str, n: int) -> str:
     """A batch of n conversations with 2 messages each, written in bulk (fast)."""
     exp = store.get_experiment(exp_id)
     grid = make_grid(
@@ -84,10 +84,10 @@ def fill(store: Store, exp_id: str, n: int) -> str:
         {"conversation_id": c["_id"], "batch_id": batch.id, "day": 1, "turn": t,
          "speaker": "Guard_001", "role": "guard", "content": "x", "raw": None, "empty": False,
          "usage": {}, "created_at": now()}
-        for c in store.conversations.find({"batch_id": batch.id}, {"_id": 1})
+        for c in db.conversations.find({"batch_id": batch.id}, {"_id": 1})
         for t in (1, 2)
     ]  # fmt: skip
-    store.messages.insert_many(docs)
+    db.messages.insert_many(docs)
     return batch.id
 
 
@@ -116,7 +116,7 @@ def test_deleting_an_experiment_with_someone_elses_conversations_is_refused(db):
     bob = Store.open(db, "bob")
     for rec in bob.list_conversations(experiment_id=exp.id, where={"creator": "bob"}):
         bob.delete_conversation(rec.id)
-    bob.batches.delete_many({"creator": "bob"})
+    db.batches.delete_many({"creator": "bob"})
     seen: list[tuple[int, int]] = []
     deleted = alice.delete_experiment(exp.id, on_progress=lambda d, t: seen.append((d, t)))
     assert (deleted.experiments, deleted.batches, deleted.conversations) == (1, 1, 2)
@@ -155,12 +155,12 @@ def test_cli_delete_of_ones_own_experiment(cli_for, db):
 def test_a_batch_started_by_someone_else_during_the_delete_survives(db):
     alice = Store.open(db, "alice")
     exp = alice.insert_experiment(load_experiment(PRISON))
-    fill(alice, exp.id, 3)
+    fill(db, alice, exp.id, 3)
     bob = Store.open(db, "bob")
 
     def progress(done: int, total: int) -> None:
         if done == 0:  # bob starts a batch after alice's check
-            fill(bob, exp.id, 2)
+            fill(db, bob, exp.id, 2)
 
     with pytest.raises(PermissionDenied, match="bob"):
         alice.delete_experiment(exp.id, on_progress=progress)
@@ -174,12 +174,12 @@ def test_delete_goes_batch_by_batch_without_a_list_of_every_id(watched, db):
     store, commands = watched("alice")
     exp = store.insert_experiment(load_experiment(PRISON))
     for _ in range(2):
-        fill(store, exp.id, 150)
+        fill(db, store, exp.id, 150)
     # a conversation without a batch (older imports)
-    legacy = store.conversations.find_one({"index": 0})
+    legacy = db.conversations.find_one({"index": 0})
     assert legacy is not None
     legacy.update(_id="0123456789ab", batch_id=None)
-    store.conversations.insert_one(legacy)
+    db.conversations.insert_one(legacy)
     store.insert_message("0123456789ab", Message(1, 1, "Guard_001", "guard", "old"), None)
     commands.seen.clear()
     seen: list[tuple[int, int]] = []
@@ -232,15 +232,15 @@ def test_dead_batch_is_reported_as_not_running(cli_for, db):
     batch_id = run_batch(db, "alice", exp.id, repetitions=1)
     # as a runner killed mid-run leaves it: status running, its lease held by a dead process
     dead = {"host": socket.gethostname(), "pid": _dead_pid(), "heartbeat": now()}
-    alice.batches.update_one({"_id": batch_id}, {"$set": {"status": "running", "runner": dead}})
-    alice.conversations.update_many({"batch_id": batch_id}, {"$set": {"status": "running"}})
+    db.batches.update_one({"_id": batch_id}, {"$set": {"status": "running", "runner": dead}})
+    db.conversations.update_many({"batch_id": batch_id}, {"$set": {"status": "running"}})
     assert alice.get_batch(batch_id).runner_alive is False
     shown = cli_for("alice", "status", batch_id)
     assert shown.exit_code == 0, shown.output
     assert "stopped unexpectedly" in shown.output and f"simulator resume {batch_id}" in shown.output
     # a live one (this process holds the lease) is running, with no resume hint
     alive = {"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": now()}
-    alice.batches.update_one({"_id": batch_id}, {"$set": {"runner": alive}})
+    db.batches.update_one({"_id": batch_id}, {"$set": {"runner": alive}})
     shown = cli_for("alice", "status", batch_id)
     assert "stopped unexpectedly" not in shown.output and "resume" not in shown.output
 

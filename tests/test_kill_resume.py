@@ -29,6 +29,7 @@ from simulator.cli import app
 from simulator.conversation import SELECTOR_SYSTEM
 from simulator.store import Store
 from tests.servers import FakeLLMServer, echo_reply, write_experiment
+from tests.test_tally import kept, recount
 
 # 6 conversations (3 round-robin, 3 auto-selected) x 6 messages over 2 days: 48 messages and
 # summaries, plus the selector calls of the auto ones.
@@ -119,10 +120,9 @@ def transcripts(store: Store, batch_id: str) -> dict[int, Any]:
     return out
 
 
-def check_batch(store: Store, batch_id: str, expected: dict[int, Any]) -> None:
+def check_batch(db, store: Store, batch_id: str, expected: dict[int, Any]) -> None:
     """Complete, exactly M messages and D summaries each, no duplicates, no orphans, and equal
     to the uninterrupted run."""
-    db = store.db
     records = store.list_conversations(batch_id=batch_id)
     assert sorted(r.index for r in records) == list(range(6))  # one conversation per grid cell
     assert {r.status for r in records} == {"completed"}
@@ -149,6 +149,8 @@ def check_batch(store: Store, batch_id: str, expected: dict[int, Any]) -> None:
         owners = set(db[coll].distinct("conversation_id"))
         assert owners <= all_ids, f"orphan {coll}: {owners - all_ids}"
     assert transcripts(store, batch_id) == expected
+    # the running totals `status` shows stayed exact through the kills and resumes
+    assert kept(db, batch_id) == recount(db, batch_id)
 
 
 @pytest.fixture
@@ -270,7 +272,7 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(settings, env_
         final.wait(timeout=60)
         out, err = Cli.output(final)
         assert final.returncode == 0, out + err
-        check_batch(store, str(batch_id()), expected)
+        check_batch(db, store, str(batch_id()), expected)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -300,7 +302,7 @@ def test_ctrl_c_stops_cleanly_prints_the_resume_command_and_resume_completes(
         app, ["resume", batch.id, "--plain"], env={**env_for(settings), "SIMULATOR_USER": "alice"}
     )
     assert result.exit_code == 0, result.output
-    check_batch(store, batch.id, expected)
+    check_batch(db, store, batch.id, expected)
 
 
 def test_database_going_away_stops_the_batch_and_resume_continues_after_restart(
@@ -349,6 +351,6 @@ def test_database_going_away_stops_the_batch_and_resume_continues_after_restart(
     out, err = Cli.output(resumed)
     assert resumed.returncode == 0, out + err
     db, _ = embedded_db()
-    check_batch(Store(db, "alice"), batch_id, expected)
+    check_batch(db, Store(db, "alice"), batch_id, expected)
     for client in clients.values():
         client.close()

@@ -25,7 +25,7 @@ def _queries(commands) -> list[dict]:
 def test_listing_many_conversations_takes_a_fixed_number_of_queries(watched, db):  # noqa: F811 (fixtures)
     store, commands = watched("alice")
     exp = store.insert_experiment(load_experiment(PRISON))
-    batch_id = fill(store, exp.id, 240)
+    batch_id = fill(db, store, exp.id, 240)
     commands.seen.clear()
     records = store.list_conversations(experiment_id=exp.id)
     assert len(records) == 240 and all(r.message_count == 2 for r in records)
@@ -46,7 +46,7 @@ def test_listing_many_conversations_takes_a_fixed_number_of_queries(watched, db)
 def test_export_reads_transcripts_a_chunk_at_a_time(watched, db, tmp_path):  # noqa: F811 (fixtures)
     store, commands = watched("alice")
     exp = store.insert_experiment(load_experiment(PRISON))
-    fill(store, exp.id, 120)
+    fill(db, store, exp.id, 120)
     commands.seen.clear()
     result = export.export(store, exp.id, "csv", tmp_path)
     assert result.rows == 240
@@ -129,3 +129,31 @@ def test_an_ambiguous_reference_is_refused(db):
     with pytest.raises(NotFoundError, match="could mean"):
         store.find_experiment_or_batch(exp.id[:4])
     assert store.find_experiment_or_batch(exp.id)[1].id == exp.id
+
+
+def test_a_limited_listing_reads_a_page_not_the_experiment(watched, db):  # noqa: F811 (fixtures)
+    """`conversations EXP` (50 by default) costs a page of documents, not the experiment's
+    thousands: every query is bounded by a range of grid indexes or a short list of ids."""
+    store, commands = watched("alice")
+    exp = store.insert_experiment(load_experiment(PRISON))
+    first = fill(db, store, exp.id, 300)
+    second = fill(db, store, exp.id, 300)
+    commands.seen.clear()
+    records = store.list_conversations(experiment_id=exp.id, limit=51)
+    assert [(r.batch_id, r.index) for r in records] == [(first, i) for i in range(51)]
+    assert all(r.message_count == 2 for r in records)
+    for body in commands.named("find", "aggregate", "count"):
+        coll = body.get("find") or body.get("aggregate") or body.get("count")
+        if coll == "conversations":
+            query = body["filter"]
+            assert query.get("batch_id") is None or "index" in query, query
+            if "index" in query:
+                assert query["index"]["$lt"] - query["index"]["$gte"] <= 200, query
+        elif coll == "messages":
+            assert _longest_in(body) <= 50 and "batch_id" not in str(body["pipeline"]), body
+    # a page that runs over into the next batch, and a filter checked page by page
+    records = store.list_conversations(experiment_id=exp.id, limit=320)
+    assert [(r.batch_id, r.index) for r in records][299:301] == [(first, 299), (second, 0)]
+    db.conversations.update_one({"batch_id": second, "index": 7}, {"$set": {"status": "failed"}})
+    failed = store.list_conversations(experiment_id=exp.id, where={"status": "failed"}, limit=5)
+    assert [(r.batch_id, r.index) for r in failed] == [(second, 7)]

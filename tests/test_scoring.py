@@ -127,7 +127,7 @@ def agent_calls(server: FakeLLMServer) -> int:
     return sum(1 for b in server.bodies() if b.get("model") == AGENT)
 
 
-def test_judge_stores_one_score_per_conversation_reasks_and_counts_invalid(server, judged):
+def test_judge_stores_one_score_per_conversation_reasks_and_counts_invalid(db, server, judged):
     store, exp, batch_id = judged
     _, records = select_conversations(store, batch_id)
     scorers = [s for s in scorers_for(exp) if s.name in ("goal", "stubborn")]
@@ -142,7 +142,7 @@ def test_judge_stores_one_score_per_conversation_reasks_and_counts_invalid(serve
         ("Yes", True, 2, f"judge:openai/{JUDGE}")
     }
     assert goal[0].raw == "Yes" and goal[0].usage.calls == 2
-    stored = store.db["scores"].find_one({"scorer": "goal"})
+    stored = db["scores"].find_one({"scorer": "goal"})
     assert "Did the prisoners obtain the extra hour?" in stored["prompt"]
     assert "[Turn 4]" in stored["prompt"]
     stubborn = store.list_scores(scorer="stubborn")
@@ -154,10 +154,10 @@ def test_judge_stores_one_score_per_conversation_reasks_and_counts_invalid(serve
     again = score(store, exp, records, scorers, ScoreOptions(retry=FAST))
     assert server.calls == 0 and again.calls == 0  # nothing missing, nothing asked
     assert (again.items, again.already) == (0, 6)
-    assert store.db["scores"].count_documents({}) == 6
+    assert db["scores"].count_documents({}) == 6
 
 
-def test_stopping_mid_scoring_then_resuming_scores_every_item_once(server, judged):
+def test_stopping_mid_scoring_then_resuming_scores_every_item_once(db, server, judged):
     store, exp, batch_id = judged
     _, records = select_conversations(store, batch_id)
     scorers = [s for s in scorers_for(exp) if s.name == "toxicity"]  # 12 messages
@@ -165,7 +165,7 @@ def test_stopping_mid_scoring_then_resuming_scores_every_item_once(server, judge
     server.reply.on_call = lambda n: n == 5 and options.stop.set()  # as Ctrl-C does
     first = score(store, exp, records, scorers, options)
     assert first.interrupted
-    stored_first = store.db["scores"].count_documents({})
+    stored_first = db["scores"].count_documents({})
     assert 5 <= stored_first < 12  # calls in flight were finished and stored
     server.reply.on_call = None
     second = score(store, exp, records, scorers, ScoreOptions(retry=FAST))
@@ -194,7 +194,9 @@ def test_moderation_scores_every_message_with_every_category(server, judged):
     assert len(one.detail["category_scores"]) == 8
 
 
-def test_python_scorers_per_message_and_per_conversation_errors_per_item(server, judged, tmp_path):
+def test_python_scorers_per_message_and_per_conversation_errors_per_item(
+    db, server, judged, tmp_path
+):
     store, exp, batch_id = judged
     _, records = select_conversations(store, batch_id)
     path = tmp_path / "lab.yaml"
@@ -217,10 +219,10 @@ def test_python_scorers_per_message_and_per_conversation_errors_per_item(server,
 
     # a function failing on some items: reported per item, the others stored
     records[0].id  # noqa: B018
-    store.db["messages"].update_many(
+    db["messages"].update_many(
         {"conversation_id": records[0].id, "role": "prisoner"}, {"$set": {"content": "Guard!"}}
     )
-    store.db["scores"].delete_many({"scorer": "picky"})
+    db["scores"].delete_many({"scorer": "picky"})
     report = score(store, exp, records, [s for s in scorers if s.name == "picky"])
     assert len(report.errors) == 2 and "cannot rate a guard's message" in report.errors[0][1]
     assert not report.reason and not report.interrupted  # not fatal
@@ -239,7 +241,7 @@ def test_a_new_rubric_is_a_new_version_and_old_scores_stay(server, judged, tmp_p
     assert sorted(versions) == sorted([goal.version] * 3 + [edited.version] * 3)
 
 
-def test_the_failure_threshold_stops_scoring_and_nothing_failed_is_stored(server, judged):
+def test_the_failure_threshold_stops_scoring_and_nothing_failed_is_stored(db, server, judged):
     store, exp, batch_id = judged
     _, records = select_conversations(store, batch_id)
     scorers = [s for s in scorers_for(exp) if s.name == "toxicity"]
@@ -250,7 +252,7 @@ def test_the_failure_threshold_stops_scoring_and_nothing_failed_is_stored(server
     )  # fmt: skip
     server.reset()
     assert report.failed == 3 and "more than --max-failures allows (2)" in report.reason
-    assert store.db["scores"].count_documents({}) == 0
+    assert db["scores"].count_documents({}) == 0
 
 
 def test_scorer_definitions_are_checked(server):
@@ -323,14 +325,14 @@ def test_scoring_a_conversation_imported_from_the_prototype(server, db, mongo_cl
         mongo_client.drop_database(source.name)
     server.reply, server.calls = Judge(), 0
     server.reset()
-    conv = store.db["conversations"].find_one({"status": "completed"})
+    conv = db["conversations"].find_one({"status": "completed"})
     path = tmp_path / "scorers.yaml"
     path.write_text("scorers:\n" + judge_block(server))
     exp, records = select_conversations(store, conv["_id"])
     assert [r.id for r in records] == [conv["_id"]]
     scorers = [s for s in load_scorers_file(path) if s.name in ("goal", "moderation")]
     report = score(store, exp, records, scorers, ScoreOptions(retry=FAST))
-    messages = store.db["messages"].count_documents({"conversation_id": conv["_id"]})
+    messages = db["messages"].count_documents({"conversation_id": conv["_id"]})
     assert report.scored == 1 + messages and report.failed == 0
     assert len(store.list_scores(conversation_id=conv["_id"], scorer="goal")) == 1
 
@@ -369,7 +371,7 @@ def test_the_unique_index_makes_score_writes_idempotent(db):
     assert store.insert_score(Score("c1", "1:2", "toxicity", "v1", "judge:x", 5)) is False
     assert [s.value for s in store.list_scores()] == [3]  # the first write stays
     with pytest.raises(DuplicateKeyError):  # even a write around the store is refused
-        store.db["scores"].insert_one(
+        db["scores"].insert_one(
             {
                 "conversation_id": "c1",
                 "message": "1:2",
