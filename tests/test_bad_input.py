@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 from simulator.cli import app
 from simulator.store import Store
+from tests.scenarios import PRISON_ONE
 
-PRISON = Path(__file__).resolve().parent.parent / "experiments" / "prison.yaml"
+PRISON = PRISON_ONE  # one of the 72 scenarios: these tests are not about factors
 
 
 def closed_port() -> int:
