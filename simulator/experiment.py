@@ -296,8 +296,7 @@ def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
     )
     out["selector_llm"] = llm_to_dict(exp.selector_llm)
     out["factors"] = {
-        f.name: {level: dict(sections) for level, sections in f.levels.items()}
-        for f in exp.factors
+        f.name: {level: dict(sections) for level, sections in f.levels.items()} for f in exp.factors
     }
     return _drop_empty(out)
 
@@ -624,7 +623,9 @@ def _factors(value: Any, source: str) -> list[Factor]:
     for name, levels_value in factors.items():
         path = f"factors.{name}"
         if levels_value is None:
-            _fail(source, path, "has no levels; give it levels, e.g. good: {guard.personality: ...}")
+            _fail(
+                source, path, "has no levels; give it levels, e.g. good: {guard.personality: ...}"
+            )
         if not isinstance(levels_value, dict):
             _fail(source, path, f"expected a mapping of levels, got {_kind(levels_value)}")
         levels: dict[str, dict[str, str | None]] = {}

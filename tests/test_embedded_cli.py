@@ -36,9 +36,7 @@ def test_batch_and_listing_share_the_embedded_server(tmp_path):
     env |= {"SIMULATOR_DATA_DIR": str(tmp_path / "data"), "SIMULATOR_USER": "carol"}
     slow = tmp_path / "slow.yaml"
     slow.write_text(
-        PRISON_ONE
-        .read_text()
-        .replace(
+        PRISON_ONE.read_text().replace(
             "{model: scripted, provider: scripted}",
             "{model: scripted, provider: scripted, latency: 0.05}",
         )

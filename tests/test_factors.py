@@ -134,7 +134,9 @@ def test_each_conversation_holds_exactly_its_levels_texts(cli, factorial, db, tm
         assert set(rec.spec.factors) == set(TEXTS)
         wanted = set().union(*(TEXTS[f][level] for f, level in rec.spec.factors.items()))
         prompts = {a.role: a.system_prompt for a in rec.agents}
-        held = {t for t in every_text if any(t in p for p in [*prompts.values(), rec.summarizer_prompt])}
+        held = {
+            t for t in every_text if any(t in p for p in [*prompts.values(), rec.summarizer_prompt])
+        }
         assert held == wanted, rec.spec.factors
         guard = prompts["guard"]
         if rec.spec.factors["guard_personality"] == "blank":
@@ -201,7 +203,10 @@ def test_repetition_r_has_the_same_seed_and_names_under_every_level(db, factoria
         speakers = tuple(m.speaker for m in store.load_transcript(rec.id).messages)
         guard = next(a.system_prompt for a in rec.agents if a.role == "guard")
         by_rep.setdefault(rec.spec.repetition, {})[rec.spec.factors["goal"]] = (
-            rec.spec.seed, names, speakers, guard
+            rec.spec.seed,
+            names,
+            speakers,
+            guard,
         )
     assert sorted(by_rep) == [0, 1, 2]
     for rep, levels in by_rep.items():
@@ -249,7 +254,7 @@ def test_show_and_html_show_the_levels(cli, factorial, db, tmp_path):
     assert "factors: risks=yes, goal=escape, guard_personality=blank" in shown
     cli("export", rec.id[:8], "--format", "html", "--out", str(tmp_path))
     page = next(tmp_path.rglob(f"{rec.id}.html")).read_text()
-    assert '<dt>factor_goal</dt><dd>escape</dd>' in page
+    assert "<dt>factor_goal</dt><dd>escape</dd>" in page
     index = next(tmp_path.rglob("index.html")).read_text()
     assert 'data-key="factor_guard_personality"' in index and ">blank</td>" in index
 
@@ -284,8 +289,10 @@ def _with_factors(factors: str, base: str = FACTORIAL.split("factors:")[0]) -> s
 VALIDATION_CASES = [
     (  # an unknown role
         "  mood:\n    calm:\n      warden.mood: Calm.\n",
-        ["factors.mood: `warden` is not a role of this experiment (its roles: guard, prisoner)",
-         "ROLE.TITLE"],
+        [
+            "factors.mood: `warden` is not a role of this experiment (its roles: guard, prisoner)",
+            "ROLE.TITLE",
+        ],
     ),
     (  # not a section address
         "  mood:\n    calm:\n      personality: Calm.\n",
@@ -293,36 +300,52 @@ VALIDATION_CASES = [
     ),
     (  # a level that changes nothing
         "  mood:\n    calm:\n      guard.mood: Calm.\n    none: {}\n",
-        ["factors.mood.none: the level changes nothing", "`SECTION: null` to leave that section out"],
+        [
+            "factors.mood.none: the level changes nothing",
+            "`SECTION: null` to leave that section out",
+        ],
     ),
     (  # two factors setting the same section
         "  a:\n    x:\n      guard.mood: X.\n  b:\n    y:\n      guard.mood: Y.\n",
-        ["factors.b: sets `guard.mood`, which factor `a` sets too",
-         "merge the two factors or set another section"],
+        [
+            "factors.b: sets `guard.mood`, which factor `a` sets too",
+            "merge the two factors or set another section",
+        ],
     ),
     (  # a section also written outside the factor: its text would never be used
         "  env:\n    a:\n      shared.environment: A.\n",
-        ["factors.env: sets `shared.environment`, so `shared_sections.environment` would never "
-         "be used; remove it there"],
+        [
+            "factors.env: sets `shared.environment`, so `shared_sections.environment` would never "
+            "be used; remove it there"
+        ],
     ),
     (  # a level silent about a section another level sets
         "  mood:\n    calm:\n      guard.mood: Calm.\n    angry:\n      guard.tone: Loud.\n",
-        ["factors.mood.angry: does not say what `guard.mood` is (level `calm` sets it); give its "
-         "text, or `guard.mood: null` to leave it out"],
+        [
+            "factors.mood.angry: does not say what `guard.mood` is (level `calm` sets it); give its "
+            "text, or `guard.mood: null` to leave it out"
+        ],
     ),
     (  # yes/no unquoted: YAML reads them as true/false
         "  risks:\n    yes:\n      shared.risks: R.\n",
-        ["factors.risks: a level is named true, which YAML reads as true/false",
-         "put the level name in quotes, e.g. 'yes':"],
+        [
+            "factors.risks: a level is named true, which YAML reads as true/false",
+            "put the level name in quotes, e.g. 'yes':",
+        ],
     ),
     (  # a factor named like a built-in condition
         "  status:\n    a:\n      guard.mood: A.\n",
-        ["factors.status: `status` is a built-in condition (--where status=...); rename the factor"],
+        [
+            "factors.status: `status` is a built-in condition (--where status=...); rename the factor"
+        ],
     ),
     (  # a misspelt placeholder inside a level
         "  mood:\n    calm:\n      guard.mood: The <GAURD_NOUN> is calm.\n",
-        ["factors.mood.calm.guard.mood: <GAURD_NOUN>: unknown placeholder; did you mean "
-         "<GUARD_NOUN>?", "Placeholders valid in this experiment"],
+        [
+            "factors.mood.calm.guard.mood: <GAURD_NOUN>: unknown placeholder; did you mean "
+            "<GUARD_NOUN>?",
+            "Placeholders valid in this experiment",
+        ],
     ),
     (  # a level name that cannot be typed in --factor NAME=LEVEL,LEVEL
         "  mood:\n    'very calm':\n      guard.mood: Calm.\n",

@@ -434,6 +434,5 @@ def _less_keeps_colours() -> Iterator[None]:
             os.environ["LESS"] = before
 
 
-
 def _where_text(where: dict[str, str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in where.items())
