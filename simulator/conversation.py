@@ -108,6 +108,7 @@ class ConversationSpec:
     speaker: str  # round_robin | random | auto | manual
     seed: int
     repetition: int = 0
+    factors: dict[str, str] = field(default_factory=dict)  # factor name -> level (SPEC §10)
 
 
 @dataclass
@@ -191,7 +192,7 @@ def agent_names(roles: Sequence[str], counts: dict[str, int], seed: int) -> list
 def build_agents(exp: Experiment, spec: ConversationSpec) -> list[Agent]:
     roles = [r.name for r in exp.roles if spec.agents.get(r.name, 0) > 0]
     # One prompt per role: every agent of a role gets the same one.
-    prompt = {role: prompts.agent_prompt(exp, role, spec.agents) for role in roles}
+    prompt = {role: prompts.agent_prompt(exp, role, spec.agents, spec.factors) for role in roles}
     return [
         Agent(name, role, prompt[role]) for name, role in agent_names(roles, spec.agents, spec.seed)
     ]
@@ -252,8 +253,10 @@ class Conversation:
         self.manual = manual
         self.role_names = [r.name for r in exp.roles]
         self._seen: set[str] = set()  # normalized contents of the messages so far (`repeated`)
-        self.summarizer_prompt = summarizer_prompt or prompts.summarizer_prompt(exp, spec.agents)
-        self.starting_message = prompts.starting_message(exp, spec.agents)
+        self.summarizer_prompt = summarizer_prompt or prompts.summarizer_prompt(
+            exp, spec.agents, spec.factors
+        )
+        self.starting_message = prompts.starting_message(exp, spec.agents, spec.factors)
         if spec.speaker == "manual" and manual is None and len(self.agents) > 2:
             raise UserError("Speaker method 'manual' needs a terminal to choose speakers.")
 

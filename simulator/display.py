@@ -62,11 +62,14 @@ def conditions_text(rec: ConversationRecord) -> str:
     spec = rec.spec
     agents = ", ".join(f"{n} {r}" for r, n in spec.agents.items())
     sampling = ", ".join(f"{k}={v}" for k, v in spec.llm.sampling().items())
-    return (
+    text = (
         f"{spec.llm.label}{f' ({sampling})' if sampling else ''} · {spec.messages} messages · "
         f"{spec.days} day(s) · {agents} · {spec.speaker} · repetition {spec.repetition} · "
         f"seed {spec.seed} · {rec.status}"
     )
+    if spec.factors:
+        text += "\nfactors: " + ", ".join(f"{k}={v}" for k, v in spec.factors.items())
+    return text
 
 
 def transcript_parts(
@@ -284,7 +287,8 @@ def experiments_table(rows: Sequence[ExperimentRow]) -> ExperimentsTable:
 
 def conversations_table(records: Sequence[ConversationRecord]) -> Table:
     table = Table()
-    for col in ("id", "batch", "LLM", "msgs", "days", "agents", "speaker", "rep"):
+    factors = list(dict.fromkeys(k for r in records for k in r.spec.factors))
+    for col in ("id", "batch", "LLM", "msgs", "days", "agents", "speaker", "rep", *factors):
         table.add_column(col, no_wrap=True)
     table.add_column("status")
     table.add_column("usable")  # the quality verdict, once completed
@@ -299,6 +303,7 @@ def conversations_table(records: Sequence[ConversationRecord]) -> Table:
             ",".join(f"{k}={v}" for k, v in s.agents.items()),
             s.speaker,
             str(s.repetition),
+            *(s.factors.get(f, "") for f in factors),
             r.status + (f": {r.error[:40]}" if r.error else ""),
             "" if r.quality is None else ("yes" if r.quality.usable else "[red]no[/]"),
         )
@@ -602,6 +607,8 @@ def grid_table(grid: Grid) -> Table:
         "; ".join(",".join(f"{r}={n}" for r, n in c.items()) for c in grid.agent_combinations()),
     )
     table.add_row("speaker selection", ", ".join(grid.speakers))
+    for name, levels in grid.factors.items():
+        table.add_row(f"factor {name}", ", ".join(levels))
     table.add_row("repetitions", str(grid.repetitions))
     table.add_row("messages per conversation", str(grid.messages))
     return table

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -87,6 +87,20 @@ class Summarizer:
 
 
 @dataclass
+class Factor:
+    """A named set of levels (SPEC §10). A level maps section addresses (`guard.personality`,
+    `shared.risks`, `summarizer.format`, `starting_message`) to their text, or to None to
+    leave the section out."""
+
+    name: str
+    levels: dict[str, dict[str, str | None]] = field(default_factory=dict)
+
+    def addresses(self) -> list[str]:
+        """The sections this factor sets, in the order its levels first name them."""
+        return list(dict.fromkeys(a for level in self.levels.values() for a in level))
+
+
+@dataclass
 class Experiment:
     name: str
     starting_message: str
@@ -94,6 +108,7 @@ class Experiment:
     roles: list[Role]
     shared_sections: dict[str, str] = field(default_factory=dict)
     summarizer: Summarizer = field(default_factory=Summarizer)
+    factors: list[Factor] = field(default_factory=list)
     selector_llm: ModelSpec | None = None  # None: the conversation's LLM
     # scorer name -> definition as written (issue 11; checked by simulator.scoring.definition)
     scorers: dict[str, Any] = field(default_factory=dict)
@@ -117,11 +132,21 @@ class Experiment:
                 return spec
         return None
 
+    def factor(self, name: str) -> Factor:
+        for f in self.factors:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    def factor_levels(self) -> dict[str, list[str]]:
+        """Each factor's name with its level names, in declared order."""
+        return {f.name: list(f.levels) for f in self.factors}
+
 
 # --- YAML form (SPEC §1) ---------------------------------------------------------------
 
 TOP_KEYS: tuple[str, ...] = ("name", "note", "favourite", "starting_message", "llms", "roles")
-TOP_KEYS += ("shared_sections", "summarizer", "selector_llm", "scorers")
+TOP_KEYS += ("shared_sections", "summarizer", "selector_llm", "factors", "scorers")
 REQUIRED_KEYS = ("name", "starting_message", "llms", "roles")
 ROLE_KEYS = ("description", "sections")
 SUMMARIZER_KEYS = ("sections", "llm")
@@ -185,7 +210,11 @@ def experiment_from_dict(data: Any, source: str) -> Experiment:
         keys = ", ".join(REQUIRED_KEYS)
         _fail(source, "", f"expected a mapping with the keys {keys} ..., got {_kind(data)}")
     _mapping(data, "", source, TOP_KEYS)
+    factors = _factors(data.get("factors"), source)
+    from_factor = {a for f in factors for a in f.addresses()}
     for key in REQUIRED_KEYS:
+        if key in from_factor:
+            continue  # a factor sets it in every conversation
         if data.get(key) in (None, "", [], {}):
             _fail(source, key, f"missing; every experiment needs {', '.join(REQUIRED_KEYS)}")
     if not isinstance(data["llms"], list):
@@ -205,6 +234,7 @@ def experiment_from_dict(data: Any, source: str) -> Experiment:
             llm=_optional_llm(summarizer.get("llm"), "summarizer.llm", source),
         ),
         selector_llm=_optional_llm(data.get("selector_llm"), "selector_llm", source),
+        factors=factors,
         scorers=_scorers(data.get("scorers"), source),
     )
     validate_experiment(exp, source)
@@ -216,7 +246,7 @@ def validate_experiment(exp: Experiment, source: str) -> None:
     problems: list[str] = []
     if not exp.name.strip():
         problems.append("name: is empty; give the experiment a name")
-    if not exp.starting_message.strip():
+    if not exp.starting_message.strip() and not _factor_sets(exp, STARTING_MESSAGE):
         problems.append("starting_message: is empty; write the researcher's first message")
     if not exp.llms:
         problems.append("llms: is empty; list at least one LLM, e.g. {model: llama3}")
@@ -240,6 +270,9 @@ def validate_experiment(exp: Experiment, source: str) -> None:
         for tag in find_invalid(text, names) if check_tags else []:
             problems.append(f"{path}: {explain(tag, names)}")
             bad_tags = True
+    factor_problems, factor_tags = _factor_problems(exp, names if check_tags else None)
+    problems += factor_problems
+    bad_tags = bad_tags or factor_tags
     if problems:
         lines = [f"{source}: {p}" for p in problems]
         if bad_tags:
@@ -265,6 +298,9 @@ def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
         {"sections": dict(exp.summarizer.sections), "llm": llm_to_dict(exp.summarizer.llm)}
     )
     out["selector_llm"] = llm_to_dict(exp.selector_llm)
+    out["factors"] = {
+        f.name: {level: dict(sections) for level, sections in f.levels.items()} for f in exp.factors
+    }
     out["scorers"] = dict(exp.scorers)
     return _drop_empty(out)
 
@@ -510,3 +546,249 @@ def _all_sections(exp: Experiment) -> list[tuple[str, str, str]]:
     groups += [("shared_sections", exp.shared_sections)]
     groups += [("summarizer.sections", exp.summarizer.sections)]
     return [(f"{p}.{title}", title, text) for p, group in groups for title, text in group.items()]
+
+
+# --- factors (SPEC §10) ------------------------------------------------------------------
+
+STARTING_MESSAGE = "starting_message"
+SHARED, SUMMARIZER = "shared", "summarizer"
+FACTOR_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+LEVEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# `--where` keys of the built-in conditions: a factor with one of these names could not be
+# told apart from them (nor from agents_<role>).
+RESERVED_FACTOR_NAMES = (
+    "llm", "days", "messages", "speaker", "status", "repetition", "creator", "seed", "usable",
+    "batch", "experiment", "index",
+)  # fmt: skip
+ADDRESS_FORMS = (
+    "starting_message, shared.TITLE, summarizer.TITLE or ROLE.TITLE (e.g. guard.personality)"
+)
+_BOOL_WORDS = "yes, no, true, false, on, off"
+
+
+def parse_address(address: str, role_names: list[str]) -> tuple[str, str]:
+    """(`starting_message` | `shared` | `summarizer` | role name, section title) of a level
+    key; raises ValueError saying what is wrong."""
+    if address == STARTING_MESSAGE:
+        return STARTING_MESSAGE, ""
+    group, dot, title = address.partition(".")
+    if not dot or not group or not title:
+        raise ValueError(f"`{address}` is not a section; write {ADDRESS_FORMS}")
+    if not SECTION_TITLE_RE.match(title):
+        raise ValueError(
+            f"`{title}`: a section title is letters, digits and underscores, starting with a "
+            "letter (e.g. communication_rules)"
+        )
+    if group in (SHARED, SUMMARIZER):
+        return group, title
+    for name in role_names:
+        if name.lower() == group.lower():
+            return name, title
+    roles = ", ".join(role_names) or "none"
+    raise ValueError(
+        f"`{group}` is not a role of this experiment (its roles: {roles}); write {ADDRESS_FORMS}"
+    )
+
+
+def apply_levels(exp: Experiment, levels: dict[str, str]) -> Experiment:
+    """The experiment as one conversation sees it: each factor's level sets (or leaves out)
+    its sections. Sections a factor adds come after their group's own, in factor order."""
+    if not exp.factors and not levels:
+        return exp
+    roles = {r.name: dict(r.sections) for r in exp.roles}
+    groups: dict[str, dict[str, str]] = {
+        SHARED: dict(exp.shared_sections),
+        SUMMARIZER: dict(exp.summarizer.sections),
+        **roles,
+    }
+    start = exp.starting_message
+    names = [r.name for r in exp.roles]
+    for name, level in levels.items():
+        try:
+            sections = exp.factor(name).levels[level]
+        except KeyError:
+            known = "; ".join(f"{k}: {', '.join(v)}" for k, v in exp.factor_levels().items())
+            raise UserError(
+                f"Factor level {name}={level} is not in experiment '{exp.name}' (its factors: "
+                f"{known or 'none'}). Choose one of those levels."
+            ) from None
+        for address, text in sections.items():
+            group, title = parse_address(address, names)
+            if group == STARTING_MESSAGE:
+                start = text or ""
+            elif text is None:
+                groups[group].pop(title, None)
+            else:
+                groups[group][title] = text
+    return replace(
+        exp,
+        starting_message=start,
+        shared_sections=groups[SHARED],
+        summarizer=replace(exp.summarizer, sections=groups[SUMMARIZER]),
+        roles=[replace(r, sections=groups[r.name]) for r in exp.roles],
+    )
+
+
+def _factor_sets(exp: Experiment, address: str) -> bool:
+    return any(address in f.addresses() for f in exp.factors)
+
+
+def _factors(value: Any, source: str) -> list[Factor]:
+    if value is None:
+        return []
+    factors = _mapping(value, "factors", source)
+    out = []
+    for name, levels_value in factors.items():
+        path = f"factors.{name}"
+        if levels_value is None:
+            _fail(
+                source, path, "has no levels; give it levels, e.g. good: {guard.personality: ...}"
+            )
+        if not isinstance(levels_value, dict):
+            _fail(source, path, f"expected a mapping of levels, got {_kind(levels_value)}")
+        levels: dict[str, dict[str, str | None]] = {}
+        for level, sections in levels_value.items():
+            if isinstance(level, bool):
+                _fail(
+                    source,
+                    path,
+                    f"a level is named {str(level).lower()}, which YAML reads as "
+                    f"true/false ({_BOOL_WORDS}): put the level name in quotes, e.g. 'yes':",
+                )
+            where = f"{path}.{level}"
+            if not isinstance(level, (str, int)):
+                _fail(source, where, "a level name is a word; put it in quotes")
+            if sections is None:
+                sections = {}
+            if not isinstance(sections, dict):
+                _fail(
+                    source,
+                    where,
+                    f"expected a mapping of sections to their text, got {_kind(sections)} "
+                    "(e.g. guard.personality: You are kind.)",
+                )
+            for address, text in sections.items():
+                if not isinstance(address, str):
+                    _fail(source, f"{where}.{address}", f"not a section; write {ADDRESS_FORMS}")
+                if text is not None and not isinstance(text, str):
+                    _fail(
+                        source,
+                        f"{where}.{address}",
+                        f"expected the section text (or null to leave it out), got {_kind(text)}",
+                    )
+            levels[str(level)] = dict(sections)
+        out.append(Factor(name=str(name), levels=levels))
+    return out
+
+
+def _factor_problems(exp: Experiment, role_names: list[str] | None) -> tuple[list[str], bool]:
+    """Problems of the factors, and whether one was a placeholder (to list the valid tags)."""
+    problems: list[str] = []
+    bad_tags = False
+    names = [r.name for r in exp.roles]
+    if exp.factors:
+        for role in exp.roles:
+            if role.name.lower() in (SHARED, SUMMARIZER):
+                problems.append(
+                    f"roles.{role.name}: with factors, `{role.name}.TITLE` would be ambiguous "
+                    f"(`{role.name}` also names the {role.name} sections); rename the role"
+                )
+    owner: dict[str, str] = {}
+    for factor in exp.factors:
+        path = f"factors.{factor.name}"
+        if not FACTOR_NAME_RE.match(factor.name):
+            word = re.sub(r"[^a-z0-9_]", "_", factor.name.lower()).strip("_") or "risks"
+            problems.append(
+                f"{path}: a factor name is lower-case letters, digits and underscores, starting "
+                f"with a letter (it becomes the column factor_{word}); rename it, e.g. to `{word}`"
+            )
+        elif factor.name in RESERVED_FACTOR_NAMES or factor.name.startswith("agents_"):
+            problems.append(
+                f"{path}: `{factor.name}` is a built-in condition (--where {factor.name}=...); "
+                f"rename the factor, e.g. to `{factor.name}_level`"
+            )
+        if not factor.levels:
+            problems.append(
+                f"{path}: has no levels; give it at least one, e.g. good: {{guard.personality: ...}}"
+            )
+        addresses = factor.addresses()
+        for address in addresses:
+            try:
+                group, title = parse_address(address, names)
+            except ValueError as e:
+                problems.append(f"{path}: {e}")
+                continue
+            if address in owner:
+                problems.append(
+                    f"{path}: sets `{address}`, which factor `{owner[address]}` sets too; a "
+                    "section belongs to one factor: merge the two factors or set another section"
+                )
+                continue
+            owner[address] = factor.name
+            problems += _base_clash(exp, path, address, group, title)
+        for level, sections in factor.levels.items():
+            where = f"{path}.{level}"
+            if not LEVEL_NAME_RE.match(level):
+                problems.append(
+                    f"{where}: a level name is letters, digits, `_`, `-` or `.` (no spaces or "
+                    "commas: it is typed in --factor NAME=LEVEL,LEVEL); rename it"
+                )
+            if not sections:
+                problems.append(
+                    f"{where}: the level changes nothing; set a section's text (e.g. "
+                    f"{addresses[0] if addresses else 'guard.personality'}: ...), or write "
+                    "`SECTION: null` to leave that section out in this level"
+                )
+                continue
+            for address in addresses:
+                if address not in sections:
+                    others = [lv for lv, s in factor.levels.items() if address in s]
+                    problems.append(
+                        f"{where}: does not say what `{address}` is (level `{others[0]}` sets "
+                        f"it); give its text, or `{address}: null` to leave it out"
+                    )
+            for address, text in sections.items():
+                if text is None:
+                    if address == STARTING_MESSAGE:
+                        problems.append(
+                            f"{where}.{address}: the starting message cannot be left out; "
+                            "write the researcher's first message"
+                        )
+                    continue
+                if not text.strip():
+                    problems.append(
+                        f"{where}.{address}: the text is empty; write it, or null to leave the "
+                        "section out"
+                    )
+                for tag in find_invalid(text, role_names) if role_names is not None else []:
+                    problems.append(f"{where}.{address}: {explain(tag, role_names or [])}")
+                    bad_tags = True
+    return problems, bad_tags
+
+
+def _base_clash(exp: Experiment, path: str, address: str, group: str, title: str) -> list[str]:
+    """A factor's section must not also be written outside the factor."""
+    if group == STARTING_MESSAGE:
+        if exp.starting_message.strip():
+            return [
+                f"{path}: sets the starting message, so the top-level starting_message would "
+                "never be used; remove it there (each level gives its own)"
+            ]
+        return []
+    if group == SHARED:
+        base, where = exp.shared_sections, "shared_sections"
+    elif group == SUMMARIZER:
+        base, where = exp.summarizer.sections, "summarizer.sections"
+    else:
+        base, where = exp.role(group).sections, f"roles.{group}.sections"
+        if title in exp.shared_sections or _factor_sets(exp, f"{SHARED}.{title}"):
+            return [
+                f"{path}: sets `{address}`, but `{title}` is also a shared section, so the agent "
+                "would get it twice; rename one of them"
+            ]
+    if title in base:
+        return [
+            f"{path}: sets `{address}`, so `{where}.{title}` would never be used; remove it "
+            f"there (each level of `{path.split('.', 1)[1]}` gives its own text)"
+        ]
+    return []

@@ -89,8 +89,11 @@ class ExportResult:
 # --- choosing what to export ------------------------------------------------------------
 
 
-def select(store: Store, ref: str, kind: str | None = None) -> Selection:
-    """Resolve an id prefix as an experiment, a batch or a conversation (`kind` forces one)."""
+def select(
+    store: Store, ref: str, kind: str | None = None, where: dict[str, str] | None = None
+) -> Selection:
+    """Resolve an id prefix as an experiment, a batch or a conversation (`kind` forces one);
+    `where` keeps the conversations with those conditions (`--where`, factors included)."""
     if kind is not None and kind not in KINDS:
         raise UserError(f"--kind {kind!r}: choose experiment, batch or conversation.")
     if not re.fullmatch(r"[0-9a-fA-F]{1,24}", ref.strip()):
@@ -102,7 +105,7 @@ def select(store: Store, ref: str, kind: str | None = None) -> Selection:
     errors: dict[str, NotFoundError] = {}
     for k in [kind] if kind else KINDS:
         try:
-            found[k] = _select_kind(store, ref, k)
+            found[k] = _select_kind(store, ref, k, where or {})
         except NotFoundError as e:
             errors[k] = e
     if len(found) > 1:
@@ -124,17 +127,26 @@ def select(store: Store, ref: str, kind: str | None = None) -> Selection:
     )
 
 
-def _select_kind(store: Store, ref: str, kind: str) -> Selection:
+def _select_kind(store: Store, ref: str, kind: str, where: dict[str, str]) -> Selection:
     if kind == "experiment":
         exp = store.get_experiment(ref)
-        records = store.list_conversations(experiment_id=exp.id, message_counts=False)
-        return Selection(kind, exp, records)
+        found = store.list_conversations(
+            experiment_id=exp.id, where=where, factors=exp.factor_levels(), message_counts=False
+        )
+        return Selection(kind, exp, found)
     if kind == "batch":
         batch = store.get_batch(ref)
         exp = store.get_experiment(batch.experiment_id)
-        records = store.list_conversations(batch_id=batch.id, message_counts=False)
-        return Selection(kind, exp, records, batch)
+        found = store.list_conversations(
+            batch_id=batch.id, where=where, factors=exp.factor_levels(), message_counts=False
+        )
+        return Selection(kind, exp, found, batch)
     record = store.get_conversation(ref)
+    if where:
+        raise UserError(
+            f"{ref} is one conversation: --where filters the conversations of an experiment "
+            "or a batch; give one of those, or leave --where out."
+        )
     return Selection(kind, store.get_experiment(record.experiment_id), [record])
 
 
@@ -190,6 +202,7 @@ def columns(exp: Experiment) -> list[str]:
         *("llm_seed" if k == "seed" else k for k in SAMPLING), "repeat_penalty",
         "days", "messages", *(f"agents_{r.name}" for r in exp.roles), "agents_total",
         "speaker_selection", "repetition", "seed", "status", "usable",
+        *(f"factor_{f.name}" for f in exp.factors),
         *MESSAGE_COLUMNS,
     ]  # fmt: skip
 
@@ -221,6 +234,8 @@ def conditions(exp: Experiment, rec: ConversationRecord) -> dict[str, Any]:
     row["seed"] = spec.seed
     row["status"] = rec.status
     row["usable"] = rec.quality.usable if rec.quality is not None else None
+    for factor in exp.factors:
+        row[f"factor_{factor.name}"] = spec.factors.get(factor.name)
     return row
 
 
@@ -303,7 +318,7 @@ def write_csv(rows: Iterable[dict], path: Path, fieldnames: list[str]) -> int:
 
 def transcript_text(exp: Experiment, rec: ConversationRecord, t: Transcript) -> str:
     """`[Day N] Speaker: text` blocks: each day's starting message, the agents, the summary."""
-    start = prompts.starting_message(exp, rec.spec.agents)
+    start = prompts.starting_message(exp, rec.spec.agents, rec.spec.factors)
     summaries = {s.day: s for s in t.summaries}
     blocks: list[str] = []
     for day in range(1, rec.spec.days + 1):
@@ -397,7 +412,7 @@ def conversation_html(exp: Experiment, rec: ConversationRecord, t: Transcript) -
         for a in rec.agents
     )
     parts.append(f'<h2>Agents</h2><ul class="agents">{agents}</ul>')
-    start = prompts.starting_message(exp, rec.spec.agents)
+    start = prompts.starting_message(exp, rec.spec.agents, rec.spec.factors)
     summaries = {s.day: s for s in t.summaries}
     for day in range(1, rec.spec.days + 1):
         today = [m for m in t.messages if m.day == day]
@@ -490,9 +505,10 @@ INDEX_COLUMNS = (
 
 def index_html(exp: Experiment, records: list[ConversationRecord]) -> str:
     """The experiment's conversations with their conditions, in a table sortable by column."""
+    factor_columns = [(f"factor_{f.name}", "text") for f in exp.factors]
     head = "".join(
         f'<th data-key="{name}" data-type="{kind}" tabindex="0">{name}</th>'
-        for name, kind in INDEX_COLUMNS
+        for name, kind in (*INDEX_COLUMNS, *factor_columns)
     )
     body = []
     for rec in records:
@@ -515,6 +531,9 @@ def index_html(exp: Experiment, records: list[ConversationRecord]) -> str:
             (created, created),
             _usable_cell(rec),
         ]
+        for f in exp.factors:
+            level = s.factors.get(f.name, "")
+            cells.append((level, _e(level)))
         tds = "".join(f'<td data-value="{_e(v)}">{shown}</td>' for v, shown in cells)
         body.append(f'<tr data-id="{rec.id}">{tds}</tr>')
     about = f"{len(records)} conversation(s) · created by {exp.creator or '?'}"

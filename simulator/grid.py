@@ -1,5 +1,5 @@
-"""Expand a batch's grid — LLMs × day counts × agent combinations × speaker methods ×
-repetitions — into conversation specs, lazily, in a fixed order (SPEC §7)."""
+"""Expand a batch's grid — LLMs × factor levels × day counts × agent combinations × speaker
+methods × repetitions — into conversation specs, lazily, in a fixed order (SPEC §7, §10)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,18 @@ class Grid:
     every_combination: bool = False  # try every agent combination 1..max per role
     repetitions: int = 1
     seed: int = 0
+    # factor name -> the levels this batch runs, in the experiment's order
+    factors: dict[str, list[str]] = field(default_factory=dict)
+
+    def level_combinations(self) -> Iterator[dict[str, str]]:
+        """Every combination of the chosen factor levels (one empty one without factors)."""
+        names = list(self.factors)
+        for combo in itertools.product(*(self.factors[n] for n in names)):
+            yield dict(zip(names, combo))
+
+    def level_count(self) -> int:
+        """How many factor-level combinations the grid has (counted, not listed)."""
+        return math.prod(len(levels) for levels in self.factors.values())
 
     def day_counts(self) -> list[int]:
         return list(range(1, self.days + 1)) if self.every_day else [self.days]
@@ -49,6 +61,7 @@ class Grid:
         """Conversations in the grid, counted arithmetically (a billion repetitions is fine)."""
         return (
             len(self.llms)
+            * self.level_count()
             * (self.days if self.every_day else 1)
             * self.combination_count()
             * len(self.speakers)
@@ -59,18 +72,20 @@ class Grid:
         """(index, spec) in grid order; the index identifies a conversation within its batch."""
         product = itertools.product(
             self.llms,
+            self.level_combinations(),
             self.day_counts(),
             self.agent_combinations(),
             self.speakers,
             range(self.repetitions),
         )
-        for index, (llm, days, agents, speaker, rep) in enumerate(product):
-            # Repetition r shares its seed across conditions, so conditions compare paired
-            # (same agent names, same random draws) and a rerun reproduces them.
-            yield (
-                index,
-                ConversationSpec(llm, self.messages, days, agents, speaker, self.seed + rep, rep),
+        for index, (llm, levels, days, agents, speaker, rep) in enumerate(product):
+            # Repetition r shares its seed across conditions (factor levels included), so
+            # conditions compare paired (same agent names, same random draws) and a rerun
+            # reproduces them.
+            spec = ConversationSpec(
+                llm, self.messages, days, agents, speaker, self.seed + rep, rep, dict(levels)
             )
+            yield index, spec
 
     def llm_calls(self) -> int:
         """LLM calls the batch will make at least (re-asks after empty or invalid replies
@@ -84,7 +99,7 @@ class Grid:
         )
         if "auto" in self.speakers:
             per_setting += self.messages * len(day_counts) * self._crowded_combinations()
-        return len(self.llms) * self.repetitions * per_setting
+        return len(self.llms) * self.level_count() * self.repetitions * per_setting
 
     def _crowded_combinations(self) -> int:
         """Agent combinations with three or more agents (where `auto` asks a selector)."""
@@ -139,6 +154,46 @@ def parse_agents(text: str, exp: Experiment) -> dict[str, int]:
     return {r.name: counts.get(r.name, 1) for r in exp.roles}
 
 
+def parse_factors(items: list[str] | None, exp: Experiment) -> dict[str, list[str]]:
+    """`--factor NAME=LEVEL[,LEVEL...]` options → every factor of the experiment with the levels
+    to run (all of them for a factor no option names), in the experiment's order."""
+    chosen: dict[str, list[str]] = {}
+    available = exp.factor_levels()
+    listing = "; ".join(f"{n}={','.join(levels)}" for n, levels in available.items())
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not available:
+            raise UserError(
+                f"--factor {item}: experiment '{exp.name}' has no factors; leave --factor out, "
+                "or add `factors:` to its YAML."
+            )
+        if not sep or not name or not value.strip():
+            raise UserError(
+                f"--factor {item!r}: write NAME=LEVEL or NAME=LEVEL,LEVEL; this experiment's "
+                f"factors: {listing}."
+            )
+        if name not in available:
+            raise UserError(
+                f"--factor {item}: experiment '{exp.name}' has no factor '{name}'. Its factors "
+                f"(with their levels): {listing}."
+            )
+        if name in chosen:
+            raise UserError(
+                f"--factor {name} is given twice: give it once, with its levels separated by "
+                f"commas, e.g. --factor {name}={','.join(available[name][:2])}."
+            )
+        levels = [lv.strip() for lv in value.split(",") if lv.strip()]
+        for level in levels:
+            if level not in available[name]:
+                raise UserError(
+                    f"--factor {item}: factor '{name}' has no level '{level}'; its levels: "
+                    f"{', '.join(available[name])}."
+                )
+        chosen[name] = [lv for lv in available[name] if lv in levels]  # the experiment's order
+    return {name: chosen.get(name, levels) for name, levels in available.items()}
+
+
 def make_grid(
     exp: Experiment,
     *,
@@ -151,6 +206,7 @@ def make_grid(
     every_combination: bool = False,
     repetitions: int = 1,
     seed: int = 0,
+    factors: list[str] | dict[str, list[str]] | None = None,
 ) -> Grid:
     """Check every grid value and build the Grid (the one place flags and menus meet)."""
     _check_range("--messages", messages, 2, INT64_MAX)
@@ -192,13 +248,23 @@ def make_grid(
         every_combination=every_combination,
         repetitions=repetitions,
         seed=seed,
+        factors=_factor_choice(factors, exp),
     )
     if grid.size() > INT64_MAX:
         raise UserError(
             f"This grid has {grid.size():,} conversations, more than can be counted in the "
-            "database: use fewer --repetitions, LLMs, speakers or combinations."
+            "database: use fewer --repetitions, LLMs, speakers, combinations or --factor levels."
         )
     return grid
+
+
+def _factor_choice(
+    factors: list[str] | dict[str, list[str]] | None, exp: Experiment
+) -> dict[str, list[str]]:
+    """The levels to run: `--factor` strings, or a mapping (the menus) checked the same way."""
+    if isinstance(factors, dict):
+        factors = [f"{name}={','.join(levels)}" for name, levels in factors.items()]
+    return parse_factors(factors, exp)
 
 
 def _check_range(flag: str, value: int, low: int, high: int) -> None:

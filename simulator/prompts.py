@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from simulator.errors import UserError
-from simulator.experiment import Experiment
+from simulator.experiment import Experiment, apply_levels
 from simulator.placeholders import fill
 
 STARTING_PROMPT = "starting_prompt"
@@ -40,21 +40,30 @@ def compose(sections: list[tuple[str, str]]) -> str:
     return "\n\n".join([s for s in start if s] + rest)
 
 
-def agent_prompt(exp: Experiment, role_name: str, counts: dict[str, int]) -> str:
-    """System prompt of an agent: its role's sections, then the shared ones, tags filled."""
+def agent_prompt(
+    exp: Experiment, role_name: str, counts: dict[str, int], levels: dict[str, str] | None = None
+) -> str:
+    """System prompt of an agent: its role's sections, then the shared ones, tags filled.
+    `levels` (factor name -> level) set or leave out the sections their factors own."""
+    exp = apply_levels(exp, levels or {})
     role = exp.role(role_name)
     sections = [*role.sections.items(), *exp.shared_sections.items()]
     return fill(compose(sections), counts)
 
 
-def summarizer_prompt(exp: Experiment, counts: dict[str, int]) -> str:
+def summarizer_prompt(
+    exp: Experiment, counts: dict[str, int], levels: dict[str, str] | None = None
+) -> str:
     """System prompt of the summarizer, composed from its own sections, tags filled."""
+    exp = apply_levels(exp, levels or {})
     return fill(compose(list(exp.summarizer.sections.items())), counts)
 
 
-def starting_message(exp: Experiment, counts: dict[str, int]) -> str:
-    """The experiment's starting message with its tags filled."""
-    return fill(exp.starting_message, counts)
+def starting_message(
+    exp: Experiment, counts: dict[str, int], levels: dict[str, str] | None = None
+) -> str:
+    """The experiment's starting message (or its factor level's) with its tags filled."""
+    return fill(apply_levels(exp, levels or {}).starting_message, counts)
 
 
 def format_transcript(lines: list[tuple[str, str]]) -> str:

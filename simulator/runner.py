@@ -272,7 +272,8 @@ def _preflight(exp: Experiment, grid: Grid, options: RunOptions) -> None:
 def _prepare(store: Store, batch: BatchRecord, exp: Experiment) -> None:
     def items() -> Iterator[tuple[int, ConversationSpec, list, str]]:
         for index, spec in batch.grid.expand():
-            yield index, spec, build_agents(exp, spec), prompts.summarizer_prompt(exp, spec.agents)
+            summarizer = prompts.summarizer_prompt(exp, spec.agents, spec.factors)
+            yield index, spec, build_agents(exp, spec), summarizer
 
     store.prepare_conversations(batch, exp, items())
 

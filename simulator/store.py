@@ -911,6 +911,7 @@ class Store:
             "speaker_selection": spec.speaker,
             "repetition": spec.repetition,
             "seed": spec.seed,
+            "factors": dict(spec.factors),  # factor name -> level, beside the composed prompts
             "agents": [dataclasses.asdict(a) for a in agents],
             "summarizer_prompt": summarizer_prompt,
             "status": "pending",
@@ -1104,6 +1105,7 @@ class Store:
         limit: int = 0,
         prompts: bool = False,
         message_counts: bool = True,
+        factors: dict[str, list[str]] | None = None,
     ) -> list[ConversationRecord]:
         """Conversations in creation order, with their stored message counts (0: no limit;
         `message_counts=False` leaves them 0, which saves reading every message).
@@ -1111,9 +1113,10 @@ class Store:
         `where` filters by condition (see CONVERSATION_FILTERS), e.g. {"llm": "llama3",
         "agents_guard": "2", "status": "failed"}. Without `prompts` the records leave out the
         composed prompts (agents' system prompts and the summarizer's): a listing does not
-        need them, and they are most of a conversation's size.
+        need them, and they are most of a conversation's size. `factors` (the experiment's
+        factor levels) lets `where` name factors too.
         """
-        conditions = conversation_filter(where or {})
+        conditions = conversation_filter(where or {}, factors)
         projection = None if prompts else {"agents.system_prompt": 0, "summarizer_prompt": 0}
         if limit:
             docs = list(
@@ -1959,18 +1962,35 @@ CONVERSATION_FILTERS: dict[str, tuple[str, type]] = {
 STATUSES = ("pending", "running", "interrupted", "failed", "completed")
 
 
-def conversation_filter(where: dict[str, str]) -> dict[str, Any]:
-    """A MongoDB query for `--where` conditions; a clear UserError for a bad key or value."""
+def conversation_filter(
+    where: dict[str, str], factors: dict[str, list[str]] | None = None
+) -> dict[str, Any]:
+    """A MongoDB query for `--where` conditions; a clear UserError for a bad key or value.
+
+    `factors` (name -> levels, from the experiment) lets NAME or factor_NAME filter by a
+    factor's level; the built-in conditions come first."""
     query: dict[str, Any] = {}
+    factors = factors or {}
     for key, value in where.items():
         key, value = key.strip(), str(value).strip()
         kind: type
+        factor = key[len("factor_") :] if key.startswith("factor_") else key
         if key.startswith("agents_") and re.fullmatch(r"agents_[A-Za-z0-9]+", key):
             field, kind = f"agents_per_role.{key[len('agents_') :]}", int
         elif key in CONVERSATION_FILTERS:
             field, kind = CONVERSATION_FILTERS[key]
+        elif factor in factors:
+            if value not in factors[factor]:
+                raise UserError(
+                    f"--where {key}={value}: factor '{factor}' has no level '{value}'; its "
+                    f"levels: {', '.join(factors[factor])}."
+                )
+            query[f"factors.{factor}"] = value
+            continue
         else:
-            valid = ", ".join([*CONVERSATION_FILTERS, "agents_<role> (e.g. agents_guard)"])
+            valid = ", ".join(
+                [*CONVERSATION_FILTERS, "agents_<role> (e.g. agents_guard)", *factors]
+            )
             raise UserError(f"--where {key}=...: unknown key '{key}'. Filter by one of: {valid}.")
         if kind is bool:
             if value.lower() not in ("true", "false", "yes", "no"):
@@ -2078,6 +2098,8 @@ def _grid_doc(grid: Grid) -> dict:
         "every_combination": grid.every_combination,
         "repetitions": grid.repetitions,
         "seed": grid.seed,
+        # a list, so the factors' order survives any server
+        "factors": [{"name": n, "levels": list(levels)} for n, levels in grid.factors.items()],
     }
 
 
@@ -2093,6 +2115,7 @@ def _batch(doc: dict) -> BatchRecord:
         every_combination=g["every_combination"],
         repetitions=g["repetitions"],
         seed=g["seed"],
+        factors={f["name"]: list(f["levels"]) for f in g.get("factors", [])},
     )
     return BatchRecord(
         id=doc["_id"],
@@ -2120,6 +2143,7 @@ def _conversation(doc: dict) -> ConversationRecord:
         speaker=doc["speaker_selection"],
         seed=doc["seed"],
         repetition=doc.get("repetition", 0),
+        factors=dict(doc.get("factors") or {}),
     )
     return ConversationRecord(
         id=doc["_id"],

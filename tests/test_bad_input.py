@@ -41,7 +41,7 @@ def variant(tmp_path: Path, old: str, new: str) -> Path:
 @pytest.mark.parametrize(
     ("old", "new", "expected"),
     [
-        ("starting_message: Start the experiment", "starting_message: [Start", "line 12"),
+        ("starting_message: Start the experiment", "starting_message: [Start", "line 20"),
         ("note: Guards", "notes: Guards", "did you mean `note`"),
         ("<GUARD_VERB_BE> <GUARD_NUM>", "<GUARD_VERB_BE> <GUARD_NUMBER>", "<GUARD_NUM>"),
         ("  prisoner:\n", "  prison inmate:\n", "rename it, e.g. to `prisoninmate`"),

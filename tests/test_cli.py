@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from simulator.cli import app
 from simulator.store import Store
+from tests.scenarios import PRISON_ONE
 
-PRISON = str(Path(__file__).resolve().parent.parent / "experiments" / "prison.yaml")
+PRISON = str(PRISON_ONE)  # one of the 72 scenarios: these tests are not about factors
 
 
 @pytest.fixture

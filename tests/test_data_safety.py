@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +18,9 @@ from simulator.experiment import load_experiment
 from simulator.grid import make_grid
 from simulator.runner import RunOptions, _prepare, start_batch
 from simulator.store import Store, now
+from tests.scenarios import PRISON_ONE
 
-PRISON = Path(__file__).resolve().parent.parent / "experiments" / "prison.yaml"
+PRISON = PRISON_ONE  # one of the 72 scenarios: these tests are not about factors
 
 
 class Commands(monitoring.CommandListener):

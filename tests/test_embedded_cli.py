@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.scenarios import PRISON_ONE
+
 ROOT = Path(__file__).resolve().parent.parent
 SIMULATOR = str(Path(sys.executable).with_name("simulator"))
 
@@ -34,9 +36,7 @@ def test_batch_and_listing_share_the_embedded_server(tmp_path):
     env |= {"SIMULATOR_DATA_DIR": str(tmp_path / "data"), "SIMULATOR_USER": "carol"}
     slow = tmp_path / "slow.yaml"
     slow.write_text(
-        (ROOT / "experiments" / "prison.yaml")
-        .read_text()
-        .replace(
+        PRISON_ONE.read_text().replace(
             "{model: scripted, provider: scripted}",
             "{model: scripted, provider: scripted, latency: 0.05}",
         )

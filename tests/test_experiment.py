@@ -45,13 +45,18 @@ def test_prison_loads() -> None:
     assert exp.name == "prison"
     assert exp.starting_message == "Start the experiment"
     assert [r.name for r in exp.roles] == ["guard", "prisoner"]
+    # the paper's design: what varies between scenarios is set by the factors
+    assert list(exp.role("guard").sections) == ["starting_prompt", "goal"]
+    assert list(exp.role("prisoner").sections) == ["starting_prompt"]
+    assert list(exp.shared_sections) == ["environment", "communication_rules"]
+    assert exp.factor_levels() == {
+        "risks": ["yes", "no"],
+        "oversight": ["yes", "no"],
+        "goal": ["yard_time", "escape"],
+        "guard_personality": ["good", "bad", "blank"],
+        "prisoner_personality": ["good", "bad", "blank"],
+    }
     for role in exp.roles:
-        assert list(role.sections)[:4] == [
-            "starting_prompt",
-            "goal",
-            "personality",
-            "communication_rules",
-        ]
         assert role.description
     assert [s.label for s in exp.llms] == [
         "llamacpp/smollm2",
@@ -68,7 +73,7 @@ def test_prison_loads() -> None:
         "max_tokens": 96,
         "repeat_penalty": 1.3,
     }
-    assert list(exp.summarizer.sections) == ["starting_prompt", "format"]
+    assert list(exp.summarizer.sections) == ["starting_prompt"]  # `format` follows the goal
     for tag in ("<GUARD_NUM>", "<PRISONER_POSS>", "<PRISONER_VERB_BE>", "<AGENTS_NUM>"):
         assert tag in exp.shared_sections["environment"]
 

@@ -23,6 +23,7 @@ from simulator.grid import make_grid
 from simulator.quality import MESSAGE_FLAGS
 from simulator.runner import RunOptions, start_batch
 from simulator.store import Store
+from tests.scenarios import PRISON_ONE
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -49,7 +50,7 @@ TEXT_COLUMNS = (
 @pytest.fixture
 def batch(db):
     store = Store.open(db, "alice")
-    exp = load_experiment(ROOT / "experiments" / "prison.yaml")
+    exp = load_experiment(PRISON_ONE)  # one of the 72 scenarios
     exp.llms.append(ModelSpec("fixed", "scripted", extra={"replies": SCRIPT}))
     exp = store.insert_experiment(exp)
     grid = make_grid(

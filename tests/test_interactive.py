@@ -28,8 +28,9 @@ from simulator.interactive.menus import Menus
 from simulator.interactive.questions import Questions, Separator
 from simulator.runner import RunOptions, start_batch
 from simulator.store import Store
+from tests.scenarios import PRISON_ONE
 
-PRISON = Path(__file__).resolve().parent.parent / "experiments" / "prison.yaml"
+PRISON = PRISON_ONE  # one of the 72 scenarios: these tests are not about factors
 
 DOWN = "\x1b[B"
 UP = "\x1b[A"
@@ -160,14 +161,14 @@ def test_create_the_prison_experiment_from_scratch(alice, prison, tmp_path, monk
     keys += "y"  # pull llama3 from the (fake) Ollama server
     keys += "n"  # no more LLMs
     keys += typed(", ".join(titles))
-    keys += down(4) + SPACE + DOWN + SPACE + ENTER  # environment, research_oversight shared
+    keys += down(3) + (SPACE + DOWN) * 3 + SPACE + ENTER  # the last four are shared
     keys += typed("guard, prisoner")
     keys += typed(roles["guard"].description) + typed(roles["prisoner"].description)
     keys += ENTER  # summarizer titles: the default starting_prompt, format
     first, *rest = sections
     keys += typed(misspelt) + typed(first[1])  # re-asked on the spot, then corrected
     keys += "".join(typed(text) for _, text in rest)
-    keys += "n" + typed(prison.note)  # not a favourite; note
+    keys += "n" + "n" + typed(prison.note)  # no factor; not a favourite; note
     keys += ENTER + "y" + ENTER  # save; write YAML to the default file
     keys += BACK + EXIT  # the new experiment's menu, then the main menu
 
@@ -235,9 +236,8 @@ def test_duplicate_another_users_experiment_changing_one_section(alice, bob, pri
     keys = SELECT_FIRST + DOWN + ENTER  # Duplicate and update
     keys += down(4) + SPACE + ENTER  # change: section contents
     keys += typed("prison-gentle")  # name of the copy
-    # sections: shared environment, shared research_oversight, guard starting_prompt,
-    # guard goal, guard personality, ...
-    keys += down(4) + SPACE + ENTER
+    # sections: the four shared ones, guard starting_prompt, guard goal, guard personality, ...
+    keys += down(6) + SPACE + ENTER
     keys += typed("You are gentle and patient, and you like to say yes.")
     keys += ENTER + "n"  # save; no YAML
     keys += BACK + ESC + EXIT

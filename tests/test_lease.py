@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -15,8 +14,9 @@ from typer.testing import CliRunner
 from simulator.cli import app
 from simulator.llm import scripted
 from simulator.store import LEASE_SECONDS, Store
+from tests.scenarios import PRISON_ONE
 
-PRISON = str(Path(__file__).resolve().parent.parent / "experiments" / "prison.yaml")
+PRISON = str(PRISON_ONE)  # one of the 72 scenarios: these tests are not about factors
 
 
 @pytest.fixture

@@ -5,17 +5,16 @@ name or batch id, filtered with --where."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from simulator import export
 from simulator.errors import NotFoundError, UserError
 from simulator.experiment import load_experiment
 from simulator.store import Store, conversation_filter
+from tests.scenarios import PRISON_ONE
 from tests.test_data_safety import _longest_in, cli_for, fill, run_batch, watched  # noqa: F401
 
-PRISON = Path(__file__).resolve().parent.parent / "experiments" / "prison.yaml"
+PRISON = PRISON_ONE  # one of the 72 scenarios: these tests are not about factors
 
 
 def _queries(commands) -> list[dict]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import re
-from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -16,8 +15,9 @@ from simulator.experiment import load_experiment
 from simulator.grid import make_grid
 from simulator.runner import ProgressEvent, RunOptions, resume_batch, start_batch
 from simulator.store import Store
+from tests.scenarios import PRISON_ONE
 
-PRISON = Path(__file__).resolve().parent.parent / "experiments" / "prison.yaml"
+PRISON = PRISON_ONE  # one of the 72 scenarios: these tests are not about factors
 
 
 @pytest.mark.parametrize(

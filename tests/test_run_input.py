@@ -16,9 +16,10 @@ from typer.testing import CliRunner
 
 from simulator.cli import app
 from simulator.store import Store
+from tests.scenarios import PRISON_ONE
 
 ROOT = Path(__file__).resolve().parent.parent
-PRISON = ROOT / "experiments" / "prison.yaml"
+PRISON = PRISON_ONE  # one of the 72 scenarios: these tests are not about factors
 SIMULATOR = str(Path(sys.executable).with_name("simulator"))
 SMALL = ("--llm", "scripted", "--messages", "4", "--days", "1", "--plain")
 

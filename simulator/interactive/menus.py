@@ -24,12 +24,19 @@ from rich.text import Text
 from simulator import display
 from simulator.errors import NotFoundError, PermissionDenied, UserError
 from simulator.experiment import Experiment
-from simulator.interactive.questions import Cancelled, Choice, Questions, Separator
+from simulator.interactive.questions import Cancelled, Choice, Questions, Separator, comma_list
 from simulator.interactive.run import run_conversations
 from simulator.interactive.wizard import create_experiment, duplicate_and_update, write_yaml
-from simulator.store import ConversationRecord, ExperimentRow, Store
+from simulator.store import (
+    ConversationRecord,
+    ExperimentRow,
+    Store,
+    conversation_filter,
+    parse_where,
+)
 
 _BACK = "__back__"
+_FILTER = "__filter__"
 _TOGGLE = "__toggle__"
 
 
@@ -316,8 +323,15 @@ class Menus:
     # conversations
 
     def browse(self, exp: Experiment) -> None:
+        where: dict[str, str] = {}  # the condition filter, as `--where` takes it
         while True:
-            records = self.store.list_conversations(experiment_id=exp.id)
+            records = self.store.list_conversations(
+                experiment_id=exp.id, where=where, factors=exp.factor_levels()
+            )
+            if not records and where:
+                self.q.say(f"No conversations with {_where_text(where)}; showing all.")
+                where = {}
+                continue
             if not records:
                 self.q.say("No conversations yet: choose 'Perform new conversations'.")
                 return
@@ -325,11 +339,38 @@ class Menus:
             choices: list[Choice | Separator] = [
                 Choice(conversation_title(r, user, width), r.id) for r in records
             ]
-            choices += [Separator(), Choice("Back", _BACK)]
+            now = f" (now: {_where_text(where)})" if where else ""
+            choices += [Separator(), Choice(f"Filter by condition{now}", _FILTER)]
+            choices += [Choice("Back", _BACK)]
             choice = self.menu(f"Conversations of '{exp.name}'", choices, search=True)
             if choice is None:
                 return
+            if choice == _FILTER:
+                answer = self.guarded(self.ask_filter, exp, where)
+                where = where if answer is None else answer  # Esc keeps the filter
+                continue
             self.conversation_menu(choice, exp)
+
+    def ask_filter(self, exp: Experiment, current: dict[str, str]) -> dict[str, str]:
+        """Conditions as KEY=VALUE pairs, checked by the same filter `--where` uses."""
+        factors = exp.factor_levels()
+        keys = "llm, days, messages, speaker, status, repetition, creator, agents_ROLE"
+        keys += "".join(f", {n} ({'/'.join(levels)})" for n, levels in factors.items())
+
+        def problem(text: str) -> bool | str:
+            try:
+                conversation_filter(parse_where(comma_list(text)), factors)
+            except UserError as e:
+                return str(e)
+            return True
+
+        answer = self.q.text(
+            "Condition (KEY=VALUE, comma-separated; empty: every conversation)",
+            ", ".join(f"{k}={v}" for k, v in current.items()),
+            validate=problem,
+            instruction=f"(keys: {keys})",
+        )
+        return parse_where(comma_list(answer))
 
     def conversation_menu(self, conv_id: str, exp: Experiment) -> None:
         while True:
@@ -391,3 +432,7 @@ def _less_keeps_colours() -> Iterator[None]:
             os.environ.pop("LESS", None)
         else:
             os.environ["LESS"] = before
+
+
+def _where_text(where: dict[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in where.items())

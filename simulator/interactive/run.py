@@ -42,6 +42,14 @@ def run_conversations(store: Store, q: Questions, exp: Experiment) -> None:
         [Choice(m, m, checked=m == "round_robin") for m in SPEAKER_METHODS],
         at_least_one="Choose at least one method.",
     )
+    factors = {
+        f.name: q.checkbox(
+            f"Levels of the factor {f.name}",
+            [Choice(level, level, checked=True) for level in f.levels],
+            at_least_one=f"Choose at least one level of {f.name}.",
+        )
+        for f in exp.factors
+    }
     grid = make_grid(
         exp,
         llms=llms,
@@ -52,6 +60,7 @@ def run_conversations(store: Store, q: Questions, exp: Experiment) -> None:
         every_day=every_day,
         every_combination=every_combination,
         repetitions=repetitions,
+        factors=factors,
     )
     q.console.print(display.grid_table(grid))
     if not q.confirm(

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simulator.experiment import SECTION_TITLE_RE, Experiment
+from simulator.experiment import (
+    FACTOR_NAME_RE,
+    LEVEL_NAME_RE,
+    RESERVED_FACTOR_NAMES,
+    SECTION_TITLE_RE,
+    STARTING_MESSAGE,
+    Experiment,
+    Factor,
+    parse_address,
+)
 from simulator.interactive.questions import Choice, Questions, comma_list, required
 from simulator.placeholders import explain, find_invalid, role_tag_value, valid_tags
 
@@ -161,3 +170,92 @@ def _titles_problem(text: str) -> str | None:
 
 def _needs_asking(text: str, names: list[str]) -> bool:
     return not text.strip() or bool(find_invalid(text, names))
+
+
+# --- factors -----------------------------------------------------------------------------
+
+
+def ask_factor(q: Questions, exp: Experiment) -> Factor:
+    """One factor: its name, the section it varies, its levels and each level's text (an
+    empty text leaves the section out in that level, e.g. a "blank" personality)."""
+    name = q.text(
+        "Factor name",
+        validate=lambda text: _factor_name_problem(text.strip(), exp) or True,
+        instruction="(lower-case word, e.g. guard_personality; it becomes the column factor_NAME)",
+    ).strip()
+    address = q.text(
+        "Section it sets",
+        validate=lambda text: _address_problem(text.strip(), exp) or True,
+        instruction="(shared.TITLE, summarizer.TITLE or ROLE.TITLE, e.g. guard.personality; "
+        "a section the experiment does not already have)",
+    ).strip()
+    answer = q.text(
+        "Levels",
+        validate=lambda text: _levels_problem(text) or True,
+        instruction="(comma-separated, e.g. good, bad, blank)",
+    )
+    levels: dict[str, dict[str, str | None]] = {}
+    for level in comma_list(answer):
+        text = _ask_level_text(q, exp, f"{name} = {level} · {address}")
+        levels[level] = {address: text or None}
+    return Factor(name, levels)
+
+
+def _ask_level_text(q: Questions, exp: Experiment, label: str) -> str:
+    names = [r.name for r in exp.roles]
+    text = ""
+    while True:
+        text = q.text(f"{label}:", text, instruction="(empty: leave the section out)").strip()
+        bad = find_invalid(text, names)
+        if not bad:
+            return text
+        for tag in bad:
+            q.error(explain(tag, names))
+        q.error(f"Valid placeholders: {', '.join(valid_tags(names))}")
+        q.say("Correct it (your text is kept):")
+
+
+def _factor_name_problem(name: str, exp: Experiment) -> str | None:
+    if not FACTOR_NAME_RE.match(name):
+        return "A factor name is lower-case letters, digits and underscores, e.g. risks."
+    if name in RESERVED_FACTOR_NAMES or name.startswith("agents_"):
+        return f"'{name}' is a built-in condition; choose another name."
+    if any(f.name == name for f in exp.factors):
+        return f"The experiment already has a factor '{name}'."
+    return None
+
+
+def _address_problem(address: str, exp: Experiment) -> str | None:
+    names = [r.name for r in exp.roles]
+    if address == STARTING_MESSAGE:
+        return "The wizard varies prompt sections; vary the starting message in the YAML."
+    try:
+        group, title = parse_address(address, names)
+    except ValueError as e:
+        return str(e)
+    base = (
+        exp.shared_sections
+        if group == "shared"
+        else exp.summarizer.sections
+        if group == "summarizer"
+        else exp.role(group).sections
+    )
+    if title in base:
+        return f"'{address}' is already a section of the experiment; name a new one."
+    if group not in ("shared", "summarizer") and title in exp.shared_sections:
+        return f"'{title}' is a shared section; the agent would get it twice."
+    if any(address in f.addresses() for f in exp.factors):
+        return f"Another factor already sets '{address}'."
+    return None
+
+
+def _levels_problem(text: str) -> str | None:
+    levels = comma_list(text)
+    if not levels:
+        return "Give at least one level, e.g. good, bad, blank."
+    for level in levels:
+        if not LEVEL_NAME_RE.match(level):
+            return f"'{level}': a level name is letters, digits, '_', '-' or '.'."
+    if len(set(levels)) < len(levels):
+        return "Each level may appear once."
+    return None

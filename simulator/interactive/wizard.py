@@ -38,6 +38,7 @@ from simulator.interactive.sections import (
     agent_layout,
     apply_layout,
     ask_agent_titles,
+    ask_factor,
     ask_slot,
     ask_titles,
     fill_in,
@@ -65,6 +66,7 @@ CHANGES = [
     ("titles", "Section titles"),
     ("contents", "Section contents"),
     ("summarizer", "Summarizer"),
+    ("factors", "Factors (add one)"),
 ]
 
 
@@ -92,6 +94,7 @@ def create_experiment(store: Store, q: Questions, experiments_dir: Path) -> Expe
         summarizer=Summarizer(sections=dict.fromkeys(summarizer_titles, "")),
     )
     fill_in(q, exp)
+    ask_factors(q, exp)
     exp.favourite = q.confirm("Mark it as a favourite?", default=False)
     exp.note = q.text("Note (optional)")
     return review_and_save(store, q, exp, experiments_dir)
@@ -148,10 +151,20 @@ def duplicate_and_update(
         for slot in section_slots(exp, only_summarizer=True):
             ask_slot(q, exp, slot)
     fill_in(q, exp)
+    if "factors" in parts:
+        exp.factors.append(ask_factor(q, exp))
+        ask_factors(q, exp)
     return review_and_save(store, q, exp, experiments_dir, parent=original)
 
 
 # --- steps -------------------------------------------------------------------------------
+
+
+def ask_factors(q: Questions, exp: Experiment) -> None:
+    """Add factors while the user wants more (a copy keeps the original's factors)."""
+    question = "Add a factor (a section that varies between conversations, e.g. a personality)?"
+    while q.confirm(question if not exp.factors else "Add another factor?", default=False):
+        exp.factors.append(ask_factor(q, exp))
 
 
 def ask_llms(q: Questions, current: list[ModelSpec]) -> list[ModelSpec]:
@@ -293,15 +306,20 @@ def review_and_save(
         q.say("Nothing saved.")
         return None
     counts = {r.name: 1 for r in exp.roles}
+    first = {f.name: next(iter(f.levels)) for f in exp.factors}  # one scenario as an example
+    scenario = f", {', '.join(f'{k}={v}' for k, v in first.items())}" if first else ""
     for role in exp.roles:
         q.console.print(
             Panel(
-                Text(agent_prompt(exp, role.name, counts)),
-                title=f"System prompt of a {role.name} (one agent per role)",
+                Text(agent_prompt(exp, role.name, counts, first)),
+                title=f"System prompt of a {role.name} (one agent per role{scenario})",
             )
         )
     q.console.print(
-        Panel(Text(summarizer_prompt(exp, counts) or "(no sections)"), title="Summarizer prompt")
+        Panel(
+            Text(summarizer_prompt(exp, counts, first) or "(no sections)"),
+            title="Summarizer prompt",
+        )
     )
     if not q.confirm("Save this experiment?", default=True):
         q.say("Not saved.")
