@@ -386,7 +386,8 @@ def execute(
             signal.signal(signal.SIGTERM, previous)
         for handler, stream in zip(handlers, streams):
             handler.stream = stream
-    out.print(display.report_text(report, store.batch_totals(report.batch_id)))
+    totals = report.totals if report.totals is not None else store.batch_totals(report.batch_id)
+    out.print(display.report_text(report, totals))
     return report
 
 
