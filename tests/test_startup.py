@@ -218,7 +218,8 @@ def test_closing_summary_makes_no_queries(watched, tmp_path: Path) -> None:
     store = Store.open(database, "alice")
     with FakeLLMServer(models={"bench"}, fail_rate=0.04, fail_statuses=[500], seed=3) as server:
         path = write_experiment(
-            tmp_path / "e.yaml", f"{{model: bench, provider: openai, base_url: {server.openai_url}}}"
+            tmp_path / "e.yaml",
+            f"{{model: bench, provider: openai, base_url: {server.openai_url}}}",
         )
         exp = store.insert_experiment(load_experiment(path))
         grid = make_grid(
