@@ -352,7 +352,7 @@ class _BatchRun:
         self.stop = options.stop
         self.lock = threading.Lock()
         self.outcome = _Outcome()  # the closing summary, counted as the run goes (issue 14)
-        self.notify = self.outcome.observer(options.on_progress, self.lock)
+        self.notify = self.outcome.observer(options.on_progress)
         self.failures = 0
         self.threshold = 0
         self.reason: str | None = None
@@ -633,8 +633,10 @@ class _Outcome:
         self.lock = threading.Lock()
 
     def observer(
-        self, forward: Callable[[ProgressEvent], None] | None, lock: threading.Lock
+        self, forward: Callable[[ProgressEvent], None] | None
     ) -> Callable[[ProgressEvent], None]:
+        """`forward` (the front end's progress callback), counting what it passes on."""
+
         def notify(event: ProgressEvent) -> None:
             if event.kind == "conversation_finished" and event.status:
                 with self.lock:
