@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from simulator.errors import UserError
-from simulator.export import FORMATS, KINDS
+from simulator.export_kinds import FORMATS, KINDS
 from simulator.frontend import friendly, open_store, out
 
 

@@ -12,11 +12,14 @@ from typing import TYPE_CHECKING
 import typer
 
 from simulator.errors import UserError
-from simulator.frontend import err, friendly, open_store, out, use_help_command
-from simulator.store import ConversationRecord, Store, parse_where, plural
+from simulator.frontend import err, friendly, lazy_function, open_store, out, use_help_command
 
 if TYPE_CHECKING:
     from simulator.experiment import Experiment
+    from simulator.store import ConversationRecord, Store, parse_where, plural
+else:  # imported when a command runs: start-up, issue 14
+    parse_where = lazy_function("simulator.store", "parse_where")
+    plural = lazy_function("simulator.store", "plural")
 
 annotate_app = typer.Typer(
     help="Human annotation: export a sheet for an annotator, import their answers."

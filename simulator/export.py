@@ -39,11 +39,10 @@ from simulator.conversation import (
 )
 from simulator.errors import NotFoundError, UserError
 from simulator.experiment import Experiment
+from simulator.export_kinds import FORMATS, KINDS
 from simulator.quality import MESSAGE_FLAGS
 from simulator.store import BatchRecord, ConversationRecord, Store
 
-FORMATS = ("txt", "jsonl", "csv", "html")
-KINDS = ("experiment", "batch", "conversation")
 SAMPLING = ("temperature", "top_k", "top_p", "seed", "context_length", "max_tokens")
 SUMMARIZER = "Summarizer"
 MESSAGE_COLUMNS = (

@@ -9,21 +9,71 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import importlib
 import re
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 import typer.core
-from rich.console import Console
 
 from simulator.errors import UserError
-from simulator.store import Store
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from simulator.store import Store
+
+
+class _LazyConsole:
+    """Becomes a rich Console at its first use, so a command that prints nothing through
+    rich (`--help`) does not import rich (issue 14). After that it *is* a Console."""
+
+    def __init__(self, **options: Any) -> None:
+        self.__dict__["_lazy_options"] = options
+
+    def _become(self) -> None:
+        from rich.console import Console
+
+        options = self.__dict__.pop("_lazy_options")
+        object.__setattr__(self, "__class__", Console)
+        Console.__init__(self, **options)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:  # only for attributes not found
+        if "_lazy_options" not in self.__dict__:
+            raise AttributeError(name)
+        self._become()
+        return getattr(self, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._become()
+        setattr(self, name, value)
+
+
+class LazyModule:
+    """A module imported on its first attribute access (start-up, issue 14)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+def lazy_function(module: str, name: str) -> Callable[..., Any]:
+    """`module.name`, a function imported when first called (start-up, issue 14)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
 
 # Piped output (files, less, grep) is read later on a wide screen: do not squeeze it to 80.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out: Console = _LazyConsole(highlight=False, width=None if sys.stdout.isatty() else 160)  # type: ignore[assignment]
+err: Console = _LazyConsole(stderr=True, highlight=False, soft_wrap=True)  # type: ignore[assignment]
 
 F = TypeVar("F", bound=Callable[..., Any])
 # An invalid setting found by the app callback, raised when the command starts: after
@@ -64,6 +114,7 @@ def open_store() -> Store:
     """Connect as configured (flag > env > .env > defaults) and identify the user."""
     from simulator.database import connect, current_user
     from simulator.settings import load_settings
+    from simulator.store import Store
 
     settings = load_settings()
     db = connect(settings)

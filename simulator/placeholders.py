@@ -13,10 +13,7 @@ from __future__ import annotations
 import difflib
 import functools
 import re
-
-import inflect
-
-_engine = inflect.engine()
+from typing import Any
 
 KINDS = ("NUM", "NOUN", "POSS", "PRON", "POSSPRON")
 GLOBAL_TAGS = ("AGENTS_NUM", "ROLES_NUM")
@@ -43,10 +40,19 @@ _ES_ENDINGS = ("s", "sh", "ch", "x", "z", "o")
 _VOWELS = "aeiou"
 
 
+@functools.cache
+def _engine() -> Any:
+    """The one inflect engine, made on first use: importing inflect (with pydantic) costs
+    a command that fills no placeholders a quarter of a second (issue 14)."""
+    import inflect
+
+    return inflect.engine()
+
+
 @functools.lru_cache(maxsize=1024)
 def plural_noun(noun: str) -> str:
     """The plural of a noun (inflect: person -> people, sheep -> sheep)."""
-    return str(_engine.plural_noun(noun))
+    return str(_engine().plural_noun(noun))
 
 
 def possessive(noun: str, plural: bool) -> str:

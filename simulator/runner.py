@@ -10,6 +10,7 @@ so memory does not grow with the batch.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import queue
@@ -54,7 +55,14 @@ from simulator.llm.retry import RetryPolicy
 from simulator.quality import Quality, UsableRule, assess
 from simulator.settings import Settings
 from simulator.status import BatchStatus, ConversationStatus
-from simulator.store import LEASE_SECONDS, BatchRecord, ConversationRecord, Lease, Store
+from simulator.store import (
+    LEASE_SECONDS,
+    BatchRecord,
+    BatchTotals,
+    ConversationRecord,
+    Lease,
+    Store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +90,7 @@ class ProgressEvent:
     delay: float = 0.0  # retry: seconds until the next attempt
     calls_total: int = 0  # started: LLM calls planned for those conversations (for the ETA)
     calls_done: int = 0  # conversation_started: calls a resumed conversation already stored
+    usable: bool | None = None  # conversation_finished (completed): the quality verdict
 
 
 @dataclass
@@ -96,6 +105,9 @@ class BatchReport:
     abandoned: int = 0  # conversation threads still waiting for a call when the run gave up
     note: str | None = None  # something the user should be told (e.g. a batch marked completed)
     unusable: int = 0  # completed conversations the quality rule judged not usable
+    # Messages, calls, tokens and retries of the batch, when the runner counted them all
+    # itself (a batch it started); None: ask the store (Store.batch_totals).
+    totals: BatchTotals | None = None
 
 
 @dataclass
@@ -338,8 +350,9 @@ class _BatchRun:
         self.lease: Lease | None = None  # set once the batch is claimed
         self.lease_error: LeaseLost | None = None
         self.stop = options.stop
-        self.notify = options.on_progress or (lambda event: None)
         self.lock = threading.Lock()
+        self.outcome = _Outcome()  # the closing summary, counted as the run goes (issue 14)
+        self.notify = self.outcome.observer(options.on_progress)
         self.failures = 0
         self.threshold = 0
         self.reason: str | None = None
@@ -364,6 +377,9 @@ class _BatchRun:
         batch, store = self.batch, self.store
         abandoned = 0
         assert self.lease is not None
+        # A batch prepared by this run starts from nothing: what the run counts is the
+        # whole batch, and the closing summary needs no query (issue 14).
+        self.outcome.complete = not batch.prepared
         try:
             if not batch.prepared:
                 self._prepare()
@@ -381,7 +397,7 @@ class _BatchRun:
             specs = {endpoint_key(s): s for s in model_specs(self.exp, batch.grid)}
             workers = max(1, sum(self.pool.limit(s) for s in specs.values()))
             self.todo = queue.Queue(maxsize=workers)  # a small buffer: the rest stays in the store
-            self.writer = _RecordWriter(store, self.lease)
+            self.writer = _RecordWriter(store, self.lease, self.outcome.stored)
             self.threads = [
                 threading.Thread(target=self._worker, name=f"{THREAD_PREFIX}-{i}", daemon=True)
                 for i in range(min(workers, remaining))
@@ -565,8 +581,11 @@ class _BatchRun:
     def _report(self, started: float, abandoned: int) -> BatchReport:
         batch, store, lease = self.batch, self.store, self.lease
         # conversations still running: resume continues them
-        store.mark_interrupted(batch.id, lease)
-        counts = store.batch_counts(batch.id)
+        outcome = self.outcome
+        outcome.interrupted += store.mark_interrupted(batch.id, lease)
+        # Threads still running may yet finish a conversation: then the store tells.
+        exact = outcome.complete and not outcome.write_failed and not abandoned
+        counts = outcome.counts(batch.total) if exact else store.batch_counts(batch.id)
         unfinished = sum(n for s, n in counts.items() if s != ConversationStatus.COMPLETED)
         reason = self.reason
         if self.interrupted or (self.stop.is_set() and not reason):
@@ -586,14 +605,82 @@ class _BatchRun:
             status=status,
             total=batch.total,
             counts=counts,
-            failures=store.batch_failures(batch.id),
+            failures=list(outcome.failures) if exact else store.batch_failures(batch.id),
             elapsed=elapsed,
             reason=reason,
             abandoned=abandoned,
-            unusable=store.count_unusable(batch.id),
+            unusable=outcome.unusable if exact else store.count_unusable(batch.id),
+            totals=outcome.totals(exact),
         )
         self.notify(ProgressEvent("finished", batch.id, status=status, total=batch.total))
         return report
+
+
+class _Outcome:
+    """What a run did, counted as it happens: the closing summary of a batch the run
+    started, without counting the database again (issue 14). Conversations by how they
+    finished (from the runner's events); messages, calls, tokens and retries of the
+    records the record writer stored (the same records Store.batch_totals sums)."""
+
+    def __init__(self) -> None:
+        self.complete = False  # the run started the batch: its counts are the batch's
+        self.write_failed = False  # a record's write failed: its fate is the store's to tell
+        self.finished: dict[str, int] = {}
+        self.failures: list[tuple[str, str]] = []
+        self.unusable = 0
+        self.interrupted = 0  # found still running when the run ended (mark_interrupted)
+        self.sums = BatchTotals()
+        self.lock = threading.Lock()
+
+    def observer(
+        self, forward: Callable[[ProgressEvent], None] | None
+    ) -> Callable[[ProgressEvent], None]:
+        """`forward` (the front end's progress callback), counting what it passes on."""
+
+        def notify(event: ProgressEvent) -> None:
+            if event.kind == "conversation_finished" and event.status:
+                with self.lock:
+                    self.finished[event.status] = self.finished.get(event.status, 0) + 1
+                    if event.status == ConversationStatus.FAILED:
+                        assert event.conversation_id is not None
+                        self.failures.append((event.conversation_id, event.error or ""))
+                        self.sums.retries += event.retries  # of the call that failed for good
+                    elif event.usable is False:
+                        self.unusable += 1
+            if forward is not None:
+                forward(event)
+
+        return notify
+
+    def stored(self, records: list[tuple], failed: bool) -> None:
+        with self.lock:
+            self.write_failed = self.write_failed or failed
+            for record in records:
+                event = record[1]
+                usage = event.usage
+                if isinstance(event, Message):
+                    self.sums.messages += 1
+                self.sums.prompt_tokens += usage.prompt_tokens
+                self.sums.completion_tokens += usage.completion_tokens
+                self.sums.retries += usage.retries
+                self.sums.calls += usage.calls
+
+    def counts(self, total: int) -> dict[str, int]:
+        """Conversations by status once the run is over (those never started: pending)."""
+        with self.lock:
+            counts = dict(self.finished)
+        if self.interrupted:
+            counts["interrupted"] = counts.get("interrupted", 0) + self.interrupted
+        pending = total - sum(counts.values())
+        if pending:
+            counts["pending"] = pending
+        return {k: n for k, n in counts.items() if n}
+
+    def totals(self, exact: bool) -> BatchTotals | None:
+        if not exact:
+            return None
+        with self.lock:
+            return dataclasses.replace(self.sums, failures=list(self.failures))
 
 
 def _with_manual_lock(options: RunOptions) -> RunOptions:
@@ -620,9 +707,15 @@ class _RecordWriter:
 
     MAX_RECORDS = 256  # per round trip
 
-    def __init__(self, store: Store, lease: Lease):
+    def __init__(
+        self,
+        store: Store,
+        lease: Lease,
+        on_stored: Callable[[list[tuple], bool], None] = lambda records, failed: None,
+    ):
         self.store = store
         self.lease = lease
+        self.on_stored = on_stored  # each round trip: the records stored, whether any failed
         self.queue: queue.SimpleQueue[tuple[tuple, Future[None]] | None] = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.closed = False
@@ -665,9 +758,12 @@ class _RecordWriter:
         try:
             outcome = self.store.insert_records([r for r, _ in waiting], self.lease)
         except BaseException as e:  # the database or the lease: every record fails with it
+            self.on_stored([], True)
             for _, future in waiting:
                 future.set_exception(e)
             return
+        stored = [r for (r, _), error in zip(waiting, outcome) if error is None]
+        self.on_stored(stored, len(stored) < len(waiting))
         for (_, future), error in zip(waiting, outcome, strict=True):
             if error is None:
                 future.set_result(None)
@@ -794,16 +890,22 @@ def _run_one(
             failed_call_retries=int(getattr(e, "retries", 0) or 0),
             lease=lease,
         )
-        notify(ProgressEvent("conversation_finished", batch_id, record.id, "failed", error))
+        notify(
+            ProgressEvent(
+                "conversation_finished", batch_id, record.id, "failed", error,
+                retries=int(getattr(e, "retries", 0) or 0),
+            )
+        )  # fmt: skip
         raise
+    quality = transcript_quality(transcript, options.usable_rule)
     store.finish_conversation(
-        record.id,
-        ConversationStatus.COMPLETED,
-        transcript,
-        lease=lease,
-        quality=transcript_quality(transcript, options.usable_rule),
+        record.id, ConversationStatus.COMPLETED, transcript, lease=lease, quality=quality
     )
-    notify(ProgressEvent("conversation_finished", batch_id, record.id, status="completed"))
+    notify(
+        ProgressEvent(
+            "conversation_finished", batch_id, record.id, "completed", usable=quality.usable
+        )
+    )
 
 
 def transcript_quality(t: Transcript, rule: UsableRule) -> Quality:

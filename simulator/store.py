@@ -314,29 +314,34 @@ class Store:
         store.ensure_indexes()
         return store
 
+    def indexes(self) -> tuple[IndexSpec, ...]:
+        """The indexes this version of the store needs (see INDEXES)."""
+        return INDEXES
+
     def ensure_indexes(self) -> None:
+        """Create the indexes this version needs, once per database (issue 14).
+
+        The names of the indexes created so far are recorded in `meta` ({_id: "indexes"}):
+        a command whose indexes are all recorded makes one query instead of a round trip
+        per index. A version that adds an index finds it missing from the record and
+        creates it. Creating an index that exists is a no-op and the record only grows
+        ($addToSet), so two processes starting at once are safe.
+        """
+        wanted = {_index_name(spec): spec for spec in self.indexes()}
         try:
-            self._messages.create_index(
-                [("conversation_id", 1), ("day", 1), ("turn", 1)], unique=True
+            meta = self._db["meta"]
+            record = meta.find_one({"_id": "indexes"}, {"created": 1}) or {}
+            missing = [name for name in wanted if name not in set(record.get("created", ()))]
+            if not missing:
+                return
+            for name in missing:
+                collection, keys, unique = wanted[name]
+                self._db[collection].create_index(list(keys), unique=unique)
+            meta.update_one(
+                {"_id": "indexes"}, {"$addToSet": {"created": {"$each": missing}}}, upsert=True
             )
-            self._summaries.create_index([("conversation_id", 1), ("day", 1)], unique=True)
-            self._selector_calls.create_index(
-                [("conversation_id", 1), ("day", 1), ("turn", 1), ("attempt", 1)], unique=True
-            )
-            for coll in (self._messages, self._summaries, self._selector_calls):
-                coll.create_index([("batch_id", 1)])
-            self._conversations.create_index([("batch_id", 1), ("index", 1)], unique=True)
-            # listings sort an experiment's or a batch's conversations by (created_at, index)
-            self._conversations.create_index(
-                [("experiment_id", 1), ("created_at", 1), ("index", 1)]
-            )
-            self._conversations.create_index([("batch_id", 1), ("created_at", 1), ("index", 1)])
-            self._conversations.create_index([("batch_id", 1), ("status", 1)])
-            self._batches.create_index([("experiment_id", 1)])
-            self._batches.create_index([("creator", 1), ("created_at", -1)])
-            self._batches.create_index([("created_at", -1)])
-            self._experiments.create_index([("creator", 1), ("name", 1)])
-            self._ensure_score_indexes()
+        except DuplicateKeyError:  # two first upserts at once: the other one recorded them
+            pass
         except PyMongoError as e:
             raise StorageError(f"Could not prepare the database: {e}") from e
 
@@ -1673,12 +1678,6 @@ class Store:
     # conversation-level score. Machine scores are written once ($setOnInsert): a repeated
     # write changes nothing. A human's answers replace that human's earlier ones.
 
-    def _ensure_score_indexes(self) -> None:
-        scores = self._scores
-        scores.create_index([(k, 1) for k in SCORE_KEY], unique=True)
-        scores.create_index([("experiment_id", 1), ("scorer", 1)])
-        scores.create_index([("conversation_id", 1)])
-
     def insert_score(self, score: Score) -> bool:
         """Store a machine score unless that item already has one; True when written."""
         doc = _score_doc(score, self.user)
@@ -1799,6 +1798,42 @@ def _batch_size(doc: dict) -> int:
 
 
 SCORE_KEY = ("conversation_id", "message", "scorer", "version", "source")
+
+# (collection, keys, unique): every index the store needs. Add new ones here; databases
+# made by an earlier version get them at the next Store.open (see ensure_indexes).
+IndexSpec = tuple[str, tuple[tuple[str, int], ...], bool]
+INDEXES: tuple[IndexSpec, ...] = (
+    # a message is unique by (conversation, day, turn)
+    ("messages", (("conversation_id", 1), ("day", 1), ("turn", 1)), True),
+    ("summaries", (("conversation_id", 1), ("day", 1)), True),
+    (
+        "selector_calls",
+        (("conversation_id", 1), ("day", 1), ("turn", 1), ("attempt", 1)),
+        True,
+    ),
+    ("messages", (("batch_id", 1),), False),
+    ("summaries", (("batch_id", 1),), False),
+    ("selector_calls", (("batch_id", 1),), False),
+    ("conversations", (("batch_id", 1), ("index", 1)), True),
+    # listings sort an experiment's or a batch's conversations by (created_at, index)
+    ("conversations", (("experiment_id", 1), ("created_at", 1), ("index", 1)), False),
+    ("conversations", (("batch_id", 1), ("created_at", 1), ("index", 1)), False),
+    ("conversations", (("batch_id", 1), ("status", 1)), False),
+    ("batches", (("experiment_id", 1),), False),
+    ("batches", (("creator", 1), ("created_at", -1)), False),
+    ("batches", (("created_at", -1),), False),
+    ("experiments", (("creator", 1), ("name", 1)), False),
+    ("scores", tuple((k, 1) for k in SCORE_KEY), True),
+    ("scores", (("experiment_id", 1), ("scorer", 1)), False),
+    ("scores", (("conversation_id", 1),), False),
+)
+
+
+def _index_name(spec: IndexSpec) -> str:
+    """How an index is recorded in `meta`: collection, keys and uniqueness."""
+    collection, keys, unique = spec
+    name = "_".join(f"{k}_{d}" for k, d in keys)
+    return f"{collection}.{name}{' unique' if unique else ''}"
 
 
 @dataclass

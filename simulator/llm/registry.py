@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from urllib.parse import urlsplit
 
-from simulator.errors import ProviderError, ProviderUnavailable, UserError, ValidationError
+from simulator.errors import (
+    ModelNotFound,
+    ProviderError,
+    ProviderUnavailable,
+    UserError,
+    ValidationError,
+)
 from simulator.experiment import PROVIDERS, ModelSpec
 from simulator.llm.base import ChatModel
 from simulator.llm.retry import OnRetry, RetryingModel, RetryPolicy
+
+log = logging.getLogger(__name__)
 
 # Requests in flight per endpoint: a local Ollama serialises generation anyway (a few
 # parallel slots), hosted APIs take more, an in-process llama.cpp model exactly one.
@@ -75,7 +86,9 @@ def _instance_key(spec: ModelSpec) -> str:
     return json.dumps(asdict(spec), sort_keys=True, default=str)
 
 
-PREFLIGHT_TIMEOUT = 15.0  # seconds an endpoint gets to answer the checks before a batch
+# Seconds an endpoint gets to answer the checks before a batch: a listing answers at once
+# when the server is up (pulling a missing Ollama model has the request timeout).
+PREFLIGHT_TIMEOUT = 5.0
 
 
 class ModelPool:
@@ -129,63 +142,108 @@ def preflight(
 ) -> list[str]:
     """Make sure every LLM can be used before a batch starts; return warnings to show.
 
-    Ollama: reachable, missing models pulled (ModelNotFound when a pull fails). OpenAI:
-    key present and endpoint reachable. llama.cpp: package importable and file present.
-    Raises ProviderUnavailable / ModelNotFound / ProviderAuthError / UserError.
+    One check per endpoint, all endpoints at once, each with PREFLIGHT_TIMEOUT (issue 14):
+    Ollama: reachable (one listing), missing models pulled (ModelNotFound when a pull
+    fails). OpenAI: key present, endpoint reachable (one listing), models listed. llama.cpp:
+    package importable and file present. Raises ProviderUnavailable / ModelNotFound /
+    ProviderAuthError / UserError (for the first LLM, in the order given, that failed).
     """
-    warnings: list[str] = []
+    endpoints: dict[str, list[ModelSpec]] = {}
     seen: set[str] = set()
     for spec in specs:
         key = _instance_key(spec)
         if key in seen:
             continue
         seen.add(key)
-        try:
-            warnings += _check(spec, pull_progress)
-        except ProviderError as e:
+        # Specs of one endpoint share its check; an OpenAI one per key (api_key_env) too.
+        where = endpoint_key(spec)
+        if spec.provider == "openai":
+            where += f" {spec.extra.get('api_key_env') or ''}"
+        endpoints.setdefault(where, []).append(spec)
+    groups = list(endpoints.values())
+    if len(groups) <= 1:
+        outcomes = [_check_endpoint(group, pull_progress) for group in groups]
+    else:
+        with ThreadPoolExecutor(len(groups), thread_name_prefix="preflight") as pool:
+            outcomes = list(pool.map(lambda g: _check_endpoint(g, pull_progress), groups))
+    warnings: list[str] = []
+    for outcome in outcomes:
+        if isinstance(outcome, _Failed):
+            spec, e = outcome.spec, outcome.error
             if isinstance(e, UserError):
-                raise
+                raise e
             # A timeout or a 5xx while checking: say so before the batch, not as a traceback.
             raise ProviderUnavailable(
                 f"{spec.label} is not usable yet: {e}. Check that its server is up and "
                 "answering, then run the command again."
             ) from None
+        warnings += outcome
     return warnings
 
 
-def _check(spec: ModelSpec, pull_progress: PreflightProgress | None) -> list[str]:
-    """One LLM's preflight; returns warnings."""
+@dataclass
+class _Failed:
+    spec: ModelSpec
+    error: ProviderError
+
+
+def _check_endpoint(
+    specs: list[ModelSpec], pull_progress: PreflightProgress | None
+) -> list[str] | _Failed:
+    """The preflight of the LLMs of one endpoint: warnings, or the first failure."""
     warnings: list[str] = []
-    model = create_model(spec)
-    if spec.provider == "ollama":
-        from simulator.llm.ollama import OllamaModel
+    spec = specs[0]
+    try:
+        if spec.provider == "ollama":
+            from simulator.llm.ollama import OllamaModel
 
-        assert isinstance(model, OllamaModel)
-        # A short timeout first: a host that never answers must not hold the batch for
-        # the 600 s a single generation may take.
-        OllamaModel(spec, timeout=PREFLIGHT_TIMEOUT).list_models()
-        label = spec.label
-        progress = None
-        if pull_progress is not None:
+            # A short timeout: a host that never answers must not hold the batch for the
+            # 600 s a single generation may take.
+            listed = OllamaModel(spec, timeout=PREFLIGHT_TIMEOUT).list_models()
+            installed = {n if ":" in n else f"{n}:latest" for n in listed}
+            for spec in specs:
+                model = create_model(spec)
+                assert isinstance(model, OllamaModel)
+                if model.name in installed:
+                    continue
+                progress = None
+                if pull_progress is not None:
 
-            def progress(done: int, total: int, status: str, _label: str = label) -> None:
-                pull_progress(_label, done, total, status)
+                    def progress(done: int, total: int, status: str, _l: str = spec.label) -> None:
+                        pull_progress(_l, done, total, status)
 
-        model.ensure_model(progress)
-    elif spec.provider == "openai":
-        from simulator.llm.openai import OpenAIModel, unsupported_parameters
+                model.ensure_model(progress)
+        elif spec.provider == "openai":
+            from simulator.llm.openai import OpenAIModel, unsupported_parameters
 
-        assert isinstance(model, OpenAIModel)
-        OpenAIModel(spec, timeout=PREFLIGHT_TIMEOUT).check()
-        missing = unsupported_parameters(spec)
-        if missing:
-            warnings.append(
-                f"{spec.label}: {', '.join(missing)} cannot be sent to an OpenAI-compatible "
-                "endpoint and will not be applied"
-            )
-    elif spec.provider == "llamacpp":
-        from simulator.llm.llamacpp import LlamaCppModel
+            probe = OpenAIModel(spec, timeout=PREFLIGHT_TIMEOUT)
+            try:
+                names: list[str] | None = probe.list_models()
+            except ModelNotFound:
+                names = (
+                    None  # some compatible servers have no /models route; the chat call will tell
+                )
+            for spec in specs:
+                if names is not None and spec.model not in names:
+                    if (urlsplit(probe.base_url).hostname or "").endswith("api.openai.com"):
+                        raise ModelNotFound(f"OpenAI has no model {spec.model}: check the name")
+                    # Single-model servers (llama.cpp) answer under any name, so only mention it.
+                    log.warning(
+                        "%s does not list %s (it lists %s)", probe.base_url, spec.model, names[:10]
+                    )
+                missing = unsupported_parameters(spec)
+                if missing:
+                    warnings.append(
+                        f"{spec.label}: {', '.join(missing)} cannot be sent to an OpenAI-compatible "
+                        "endpoint and will not be applied"
+                    )
+        elif spec.provider == "llamacpp":
+            from simulator.llm.llamacpp import LlamaCppModel
 
-        assert isinstance(model, LlamaCppModel)
-        model.check()
+            for spec in specs:
+                model = create_model(spec)
+                assert isinstance(model, LlamaCppModel)
+                model.check()
+    except ProviderError as e:
+        return _Failed(spec, e)
     return warnings
