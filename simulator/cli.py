@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from simulator import cli_results, cli_scoring, display, prompts
+from simulator import cli_report, cli_results, cli_scoring, display, prompts
 from simulator.errors import UserError
 from simulator.experiment import Experiment, load_experiment, save_experiment
 from simulator.frontend import (
@@ -52,6 +52,7 @@ app.add_typer(experiment_app, name="experiment")
 app.add_typer(db_app, name="db")
 cli_results.register(app)
 cli_scoring.register(app)  # score, annotate, agreement (issue 11)
+cli_report.register(app)  # report (issue 12)
 
 log = logging.getLogger("simulator")
 
