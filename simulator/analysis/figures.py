@@ -14,8 +14,17 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 # Colours for answers and conditions (not roles): colour-blind safe (Okabe-Ito).
-LABEL_COLOURS = ("#0072B2", "#D55E00", "#999999", "#009E73", "#CC79A7", "#E69F00", "#56B4E9",
-                 "#F0E442", "#000000")  # fmt: skip
+LABEL_COLOURS = (
+    "#0072B2",
+    "#D55E00",
+    "#999999",
+    "#009E73",
+    "#CC79A7",
+    "#E69F00",
+    "#56B4E9",
+    "#F0E442",
+    "#000000",
+)
 
 
 def new(width: float = 7.5, height: float = 4.0, cols: int = 1, rows: int = 1) -> Figure:
@@ -76,8 +85,14 @@ def proportions(
         for i in y:
             if math.isnan(p[i]):
                 continue
-            ax.errorbar([100 * p[i]], [i], xerr=[[100 * (p[i] - low[i])], [100 * (high[i] - p[i])]],
-                        fmt="o", color=LABEL_COLOURS[0], capsize=3)  # fmt: skip
+            ax.errorbar(
+                [100 * p[i]],
+                [i],
+                xerr=[[100 * (p[i] - low[i])], [100 * (high[i] - p[i])]],
+                fmt="o",
+                color=LABEL_COLOURS[0],
+                capsize=3,
+            )
         ax.set_yticks(y, [f"{c} (n={n})" for c, n in zip(conditions, ns, strict=True)])
         ax.set_ylim(len(conditions) - 0.5, -0.5)
         ax.set_xlim(0, 100)
@@ -121,8 +136,9 @@ def means(
 
 def curves(
     title: str,
-    panels: Sequence[tuple[str, Sequence[tuple[str, str, list[int], list[float], list[float],
-                                                list[float]]]]],
+    panels: Sequence[
+        tuple[str, Sequence[tuple[str, str, list[int], list[float], list[float], list[float]]]]
+    ],
     ylabel: str,
     n: int,
 ) -> Figure:
@@ -136,8 +152,14 @@ def curves(
             ax.plot(x, mean, color=colour, label=role, marker=".")
             ok = [i for i, v in enumerate(low) if not math.isnan(v)]
             if ok:
-                ax.fill_between([x[i] for i in ok], [low[i] for i in ok], [high[i] for i in ok],
-                                color=colour, alpha=0.2, linewidth=0)  # fmt: skip
+                ax.fill_between(
+                    [x[i] for i in ok],
+                    [low[i] for i in ok],
+                    [high[i] for i in ok],
+                    color=colour,
+                    alpha=0.2,
+                    linewidth=0,
+                )
         ax.set_title(condition, fontsize=8)
         ax.set_xlabel("message position in conversation (turn)")
         ax.set_ylabel(ylabel)

@@ -81,8 +81,10 @@ class AnalysisData:
         """conversation | message, from the definition or the scores themselves."""
         if scorer in self.scorers:
             return self.scorers[scorer].level
-        return "message" if any(s.message for s in self.scores if s.scorer == scorer) else (
-            "conversation"
+        return (
+            "message"
+            if any(s.message for s in self.scores if s.scorer == scorer)
+            else ("conversation")
         )
 
 
@@ -123,7 +125,9 @@ def load(
         factors=exp.factor_levels(),
     )
     wanted = {r.id for r in records}
-    scores = [s for s in store.analysis_scores(exp.id or "", batch_id) if s.conversation_id in wanted]
+    scores = [
+        s for s in store.analysis_scores(exp.id or "", batch_id) if s.conversation_id in wanted
+    ]
     try:
         scorers = {s.name: s for s in scorers_for(exp)}
     except UserError:  # a stored definition that no longer parses: go by the scores alone
@@ -131,9 +135,9 @@ def load(
     counts: dict[str, Counter[str]] = {}
     for s in scores:
         counts.setdefault(s.scorer, Counter())[s.version] += 1
-    versions = {}
+    versions: dict[str, str] = {}
     for name, seen in counts.items():
-        current = scorers[name].version if name in scorers else None
+        current = scorers[name].version if name in scorers else ""
         versions[name] = current if current in seen else seen.most_common(1)[0][0]
     return AnalysisData(store, exp, batch_id, records, scorers, scores, versions)
 
@@ -202,9 +206,18 @@ def _message_only() -> set[str]:
 
 
 MESSAGE_FIELDS = (
-    "position", "day", "turn", "speaker", "role", "content", "empty", "finish_reason",
-    "flags", *(f"flag_{f}" for f in MESSAGE_FLAGS), *USAGE_COLUMNS,
-)  # fmt: skip
+    "position",
+    "day",
+    "turn",
+    "speaker",
+    "role",
+    "content",
+    "empty",
+    "finish_reason",
+    "flags",
+    *(f"flag_{f}" for f in MESSAGE_FLAGS),
+    *USAGE_COLUMNS,
+)
 
 
 def messages_frame(data: AnalysisData) -> pd.DataFrame:
@@ -231,9 +244,17 @@ def messages_frame(data: AnalysisData) -> pd.DataFrame:
         base = conditions_row(exp, rec)
         for position, m in enumerate(messages, start=1):
             row = dict(base)
-            row.update(position=position, day=m.day, turn=m.turn, speaker=m.speaker,
-                       role=m.role, content=m.content, empty=m.empty,
-                       finish_reason=m.finish_reason, flags=",".join(m.flags))  # fmt: skip
+            row.update(
+                position=position,
+                day=m.day,
+                turn=m.turn,
+                speaker=m.speaker,
+                role=m.role,
+                content=m.content,
+                empty=m.empty,
+                finish_reason=m.finish_reason,
+                flags=",".join(m.flags),
+            )
             for flag in MESSAGE_FLAGS:
                 row[f"flag_{flag}"] = flag in m.flags
             for key in USAGE_COLUMNS:
@@ -251,10 +272,26 @@ def _conditions_names(exp: Experiment) -> list[str]:
 
 
 SCORE_FIELDS = (
-    "conversation_id", "message", "day", "turn", "role", "scorer", "version", "current",
-    "source", "source_kind", "valid", "value", "value_number", "attempts",
-    "prompt_tokens", "completion_tokens", "calls", "creator", "created_at",
-)  # fmt: skip
+    "conversation_id",
+    "message",
+    "day",
+    "turn",
+    "role",
+    "scorer",
+    "version",
+    "current",
+    "source",
+    "source_kind",
+    "valid",
+    "value",
+    "value_number",
+    "attempts",
+    "prompt_tokens",
+    "completion_tokens",
+    "calls",
+    "creator",
+    "created_at",
+)
 
 
 def scores_frame(data: AnalysisData) -> pd.DataFrame:

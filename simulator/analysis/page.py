@@ -120,7 +120,12 @@ def section_html(section: Section) -> str:
 
 
 def page(title: str, subtitle: str, summary: list[str], sections: list[Section]) -> str:
-    css = resources.files("simulator").joinpath("data", "viewer.css").read_text(encoding="utf-8")
+    css = (
+        resources.files("simulator")
+        .joinpath("data")
+        .joinpath("viewer.css")
+        .read_text(encoding="utf-8")
+    )
     items = "".join(f"<li>{_e(line)}</li>" for line in summary)
     body = "\n".join(section_html(s) for s in sections)
     return (

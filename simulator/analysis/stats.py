@@ -104,7 +104,9 @@ def fit(data: pd.DataFrame, outcome: str, predictors: list[str], model: str) -> 
     except Exception as exc:  # statsmodels' errors have no common base: say it, go on
         result.problem = f"could not be fitted ({type(exc).__name__}: {exc})"
         return result
-    notes = sorted({str(w.message).splitlines()[0] for w in caught if "separation" in str(w.message).lower()})
+    notes = sorted(
+        {str(w.message).splitlines()[0] for w in caught if "separation" in str(w.message).lower()}
+    )
     if notes:
         result.problem = "perfect or quasi-perfect separation: the estimates are not reliable"
     params, ci, pvalues = fitted.params, fitted.conf_int(alpha=0.05), fitted.pvalues
@@ -113,8 +115,13 @@ def fit(data: pd.DataFrame, outcome: str, predictors: list[str], model: str) -> 
         if model == "logit":
             estimate, low, high = (_exp(v) for v in (estimate, low, high))
         result.rows.append(
-            {"term": term, "estimate": estimate, "ci_low": low, "ci_high": high,
-             "p_value": float(pvalues[term])}  # fmt: skip
+            {
+                "term": term,
+                "estimate": estimate,
+                "ci_low": low,
+                "ci_high": high,
+                "p_value": float(pvalues[term]),
+            }
         )
     return result
 
