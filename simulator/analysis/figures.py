@@ -42,7 +42,7 @@ def new(width: float = 7.5, height: float = 4.0, cols: int = 1, rows: int = 1) -
 def render(fig: Figure) -> tuple[bytes, bytes]:
     """The figure as PNG and SVG bytes."""
     png, svg = io.BytesIO(), io.BytesIO()
-    fig.savefig(png, format="png", dpi=144, metadata={"Software": None})
+    fig.savefig(png, format="png", dpi=120, metadata={"Software": None})
     fig.savefig(svg, format="svg", metadata={"Date": None, "Creator": None})
     return png.getvalue(), svg.getvalue()
 
@@ -85,10 +85,11 @@ def proportions(
         for i in y:
             if math.isnan(p[i]):
                 continue
+            below, above = max(0.0, p[i] - low[i]), max(0.0, high[i] - p[i])  # rounding
             ax.errorbar(
                 [100 * p[i]],
                 [i],
-                xerr=[[100 * (p[i] - low[i])], [100 * (high[i] - p[i])]],
+                xerr=[[100 * below], [100 * above]],
                 fmt="o",
                 color=LABEL_COLOURS[0],
                 capsize=3,
@@ -121,7 +122,7 @@ def means(
         for x, m, lo, hi in zip(xs, mean, low, high, strict=True):
             if math.isnan(m):
                 continue
-            err = [[0.0], [0.0]] if math.isnan(lo) else [[m - lo], [hi - m]]
+            err = [[0.0], [0.0]] if math.isnan(lo) else [[max(0.0, m - lo)], [max(0.0, hi - m)]]
             ax.errorbar([x], [m], yerr=err, fmt="o", color=colour, capsize=3)
         ax.plot([], [], "o", color=colour, label=name)
     ax.set_xticks(range(len(conditions)), conditions, rotation=20, ha="right")

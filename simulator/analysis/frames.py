@@ -112,7 +112,6 @@ def load(
     where: dict[str, str] | list[str] | None = None,
 ) -> AnalysisData:
     """Read an experiment (id, prefix or name) or one batch of it; `where` as `--where`."""
-    from simulator.scoring.run import scorers_for
     from simulator.store import parse_where
 
     store = open_store(source)
@@ -124,6 +123,15 @@ def load(
         where=filters,
         factors=exp.factor_levels(),
     )
+    return from_records(store, exp, batch_id, records)
+
+
+def from_records(
+    store: Store, exp: Experiment, batch_id: str | None, records: list[ConversationRecord]
+) -> AnalysisData:
+    """The scores and scorers of these conversations (one query for the scores)."""
+    from simulator.scoring.run import scorers_for
+
     wanted = {r.id for r in records}
     scores = [
         s for s in store.analysis_scores(exp.id or "", batch_id) if s.conversation_id in wanted
