@@ -521,3 +521,32 @@ def test_the_page_in_headless_chromium(study, tmp_path):
     # the page, and at most the favicon the browser asks for itself: no image, style or script
     assert [p for p in _Counting.seen if p != "/favicon.ico"] == ["/report.html"] * 2
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+def test_the_report_menu_compares_the_chosen_condition(db, tmp_path):
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+    from rich.console import Console
+
+    from simulator.interactive.menus import Menus
+    from simulator.interactive.questions import Questions
+
+    store = Store.open(db, "alice")
+    truth = build(store, repetitions=2)
+    up, down, enter, space, clear = "\x1b[A", "\x1b[B", "\r", " ", "\x15"
+    keys = down + enter + enter  # Select an experiment, the first one
+    keys += up + up + enter  # Report (just above Back)
+    keys += space + down + space + enter  # untick the factor risks, tick LLM
+    keys += enter  # not only the usable ones
+    keys += clear + str(tmp_path / "menu-report") + enter
+    keys += up + enter + "\x1b" + down + down + enter  # Back, leave the list, Exit
+    console = Console(file=__import__("io").StringIO(), width=200, color_system=None)
+    with create_pipe_input() as pipe:
+        pipe.send_text(keys)
+        pipe.close()
+        Menus(store, Questions(input=pipe, output=DummyOutput(), console=console),
+              tmp_path).main()  # fmt: skip
+    rows = read(tmp_path / "menu-report" / "tables" / "design.csv")
+    assert [r["condition"] for r in rows] == ["llm=scripted/alpha", "llm=scripted/beta"]
+    assert sum(int(r["planned"]) for r in rows) == len(truth.conv)
+    assert "Open" in console.file.getvalue()

@@ -353,14 +353,21 @@ def number(value: Any) -> float | None:
 
 
 def _tidy(df: pd.DataFrame) -> pd.DataFrame:
-    """One dtype per column, the same for every experiment: booleans `boolean`, whole numbers
-    `Int64`, other numbers `float64`, text `string` (mixed values become text). A column
-    with no value at all stays `object`."""
+    """One dtype per kind of column, whatever the values and the pandas version: booleans
+    `boolean`, whole numbers `Int64`, other numbers `float64`, text `string` (mixed values
+    become text), times UTC datetimes. A column with no value at all stays `object`."""
     import pandas as pd
+    from pandas.api import types
 
     for name in df.columns:
         column = df[name]
-        if column.dtype != object:
+        if types.is_bool_dtype(column.dtype):
+            df[name] = column.astype("boolean")
+            continue
+        if types.is_integer_dtype(column.dtype):
+            df[name] = column.astype("Int64")
+            continue
+        if column.dtype != object and not types.is_string_dtype(column.dtype):
             continue
         values = [v for v in column if v is not None and not (isinstance(v, float) and v != v)]
         if not values:
