@@ -10,8 +10,6 @@ experiment's folder `<experiment name>-<id prefix>` under the chosen output dire
     csv    <exp>/<kind>-<id>.csv                condition as a column (see ROW_COLUMNS)
     html   <exp>/<conversation>.html           self-contained pages (no network at all)
            <exp>/index.html                    the conditions in a sortable table, linking them
-    parquet <exp>/<kind>-<id>-<table>.parquet   conversations, messages and scores tables
-           (and .csv)                          (simulator.analysis; the `analysis` extra)
 
 Rows are streamed: a batch of thousands of conversations never sits in memory at once.
 """
@@ -44,7 +42,7 @@ from simulator.experiment import Experiment
 from simulator.quality import MESSAGE_FLAGS
 from simulator.store import BatchRecord, ConversationRecord, Store
 
-FORMATS = ("txt", "jsonl", "csv", "html", "parquet")
+FORMATS = ("txt", "jsonl", "csv", "html")
 KINDS = ("experiment", "batch", "conversation")
 SAMPLING = ("temperature", "top_k", "top_p", "seed", "context_length", "max_tokens")
 SUMMARIZER = "Summarizer"
@@ -172,10 +170,6 @@ def export_selection(store: Store, sel: Selection, fmt: str, out_dir: Path) -> E
             return export_txt(store, sel, folder)
         if fmt == "html":
             return export_html(store, sel, folder)
-        if fmt == "parquet":  # the analysis tables (simulator/analysis/tables.py), csv too
-            from simulator.analysis.tables import write_tables
-
-            return write_tables(store, sel, folder)
         path = folder / f"{sel.kind}-{sel.id}.{fmt}"
         rows = export_rows(store, sel)
         count = (

@@ -21,11 +21,25 @@ if TYPE_CHECKING:
 TABLES = ("conversations", "messages", "scores")
 
 
-def write_tables(store: Store, sel: Selection, folder: Path) -> ExportResult:
-    """<kind>-<id>-conversations|messages|scores.parquet and .csv in `folder`."""
-    from simulator.export import ExportResult
+def export_tables(store: Store, sel: Selection, out_dir: Path) -> ExportResult:
+    """<kind>-<id>-conversations|messages|scores.parquet and .csv in the export's folder of
+    the experiment under `out_dir` (where the other formats write)."""
+    from simulator.errors import UserError
+    from simulator.export import experiment_folder
 
     require("pandas", "pyarrow")
+    folder = out_dir / experiment_folder(sel.experiment)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return write_tables(store, sel, folder)
+    except OSError as e:
+        raise UserError(f"Cannot write the export into {out_dir}: {e.strerror or e}.") from None
+
+
+def write_tables(store: Store, sel: Selection, folder: Path) -> ExportResult:
+    """The three tables in `folder`."""
+    from simulator.export import ExportResult
+
     batch_id = sel.batch.id if sel.batch is not None else None
     data = from_records(store, sel.experiment, batch_id, sel.conversations)
     for rec, messages in data.messages():  # the selection was listed without its counts
