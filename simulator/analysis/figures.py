@@ -27,7 +27,9 @@ LABEL_COLOURS = (
 )
 
 
-def new(width: float = 7.5, height: float = 4.0, cols: int = 1, rows: int = 1) -> Figure:
+def new(
+    width: float = 7.5, height: float = 4.0, cols: int = 1, rows: int = 1, share: bool = False
+) -> Figure:
     import matplotlib
 
     matplotlib.rcParams["svg.hashsalt"] = "simulator-report"  # the same SVG for the same data
@@ -35,8 +37,15 @@ def new(width: float = 7.5, height: float = 4.0, cols: int = 1, rows: int = 1) -
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), layout="constrained")
-    fig.subplots(rows, cols, squeeze=False)
+    fig.subplots(rows, cols, squeeze=False, sharex=share, sharey=share)
     return fig
+
+
+def wrapped(title: str, width: int = 72) -> str:
+    """A title in lines that fit the figure's width."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, width)) or title
 
 
 def render(fig: Figure) -> tuple[bytes, bytes]:
@@ -69,7 +78,7 @@ def shares(
     ax.set_xlabel(f"share of {what} (%)")
     ax.set_ylabel("condition")
     ax.legend(title="answer", loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    ax.set_title(f"{title} (n={sum(ns)})")
+    ax.set_title(wrapped(f"{title} (n={sum(ns)})"))
     return fig
 
 
@@ -96,13 +105,13 @@ def proportions(
             )
         ax.set_yticks(y, [f"{c} (n={n})" for c, n in zip(conditions, ns, strict=True)])
         ax.set_ylim(len(conditions) - 0.5, -0.5)
-        ax.set_xlim(0, 100)
+        ax.set_xlim(-3, 103)
         ax.set_xlabel(f"{name} (%, Wilson 95% CI)")
         ax.grid(axis="x", alpha=0.3)
     fig.axes[0].set_ylabel("condition")
     for ax in fig.axes[1:]:
         ax.tick_params(labelleft=False)
-    fig.suptitle(title)
+    fig.suptitle(wrapped(title))
     return fig
 
 
@@ -131,7 +140,7 @@ def means(
     ax.grid(axis="y", alpha=0.3)
     if len(series) > 1 or series and series[0][0]:
         ax.legend(title="role", frameon=False)
-    ax.set_title(f"{title} (n={n})")
+    ax.set_title(wrapped(f"{title} (n={n})"))
     return fig
 
 
@@ -144,9 +153,9 @@ def curves(
     n: int,
 ) -> Figure:
     """Mean per message position by role, with ±1.96·SE bands; one panel per condition."""
-    cols = min(3, len(panels)) or 1
+    cols = 2 if len(panels) in (2, 4) else min(3, len(panels)) or 1
     rows = max(1, math.ceil(len(panels) / cols))
-    fig = new(7.5, 1.2 + 2.4 * rows, cols=cols, rows=rows)
+    fig = new(7.5, 1.2 + 2.2 * rows, cols=cols, rows=rows, share=True)
     axes = fig.axes
     for ax, (condition, lines) in zip(axes, panels, strict=False):
         for role, colour, x, mean, low, high in lines:
@@ -162,13 +171,13 @@ def curves(
                     linewidth=0,
                 )
         ax.set_title(condition, fontsize=8)
-        ax.set_xlabel("message position in conversation (turn)")
-        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
+    fig.supxlabel("message position in the conversation (turn)")
+    fig.supylabel(ylabel)
     for ax in axes[len(panels) :]:
         ax.set_axis_off()
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, title="role", loc="outside right upper", frameon=False)
-    fig.suptitle(f"{title} (n={n} messages; bands: mean ± 1.96·SE)")
+    fig.suptitle(wrapped(f"{title} (n={n} messages; bands: mean ± 1.96·SE)"))
     return fig

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from simulator.analysis.conditions import ENDED, UNFINISHED, add_condition, resolve_by, short
+from simulator.analysis.conditions import (
+    ENDED,
+    UNFINISHED,
+    add_condition,
+    levels,
+    resolve_by,
+    short,
+)
 from simulator.analysis.frames import AnalysisData, conversations_frame, load, require
 from simulator.analysis.models import agreement_section, models_section
 from simulator.analysis.outcomes import (
@@ -134,6 +141,8 @@ def write_report(
     from simulator.export import role_colours
 
     require()
+    import pandas as pd
+
     data = load(source, experiment, where)
     exp = data.experiment
     frame = conversations_frame(data)
@@ -146,6 +155,11 @@ def write_report(
                 f"(it has: {', '.join(sorted(known)) or 'none'})."
             )
     conditions = add_condition(data, frame, columns)
+    for column in columns:  # tables list a condition's levels in order (a factor's as declared)
+        order = levels(data, column, frame[column])
+        frame[column] = pd.Categorical(
+            [None if pd.isna(v) else str(v) for v in frame[column]], categories=order
+        )
     status = frame["status"].astype(str)
     mask = status.isin(ENDED)
     if usable_only:
