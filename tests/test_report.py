@@ -550,3 +550,51 @@ def test_the_report_menu_compares_the_chosen_condition(db, tmp_path):
     assert [r["condition"] for r in rows] == ["llm=scripted/alpha", "llm=scripted/beta"]
     assert sum(int(r["planned"]) for r in rows) == len(truth.conv)
     assert "Open" in console.file.getvalue()
+
+
+def test_the_walkthrough_runs_offline_with_the_scripted_judge(db, settings, env_for, tmp_path):
+    """README "From runs to results": run -> score -> annotate -> agreement -> report, with the
+    scripted model as agents and judge (docs/scripted-scorers.yaml)."""
+    root = Path(__file__).resolve().parent.parent
+    scorers = str(root / "docs" / "scripted-scorers.yaml")
+    runner, env = CliRunner(), env_for(settings)
+
+    def cli(*args: str) -> str:
+        result = runner.invoke(app, list(args), env=env)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    cli("run", str(root / "experiments" / "prison.yaml"), "--llm", "scripted", "--messages", "4",
+        "--days", "1", "--agents", "guard=1,prisoner=1", "--repetitions", "2", "--plain",
+        "--factor", "risks=yes,no", "--factor", "guard_personality=good,bad",
+        "--factor", "oversight=yes", "--factor", "goal=yard_time",
+        "--factor", "prisoner_personality=bad")  # fmt: skip
+    scored = cli("score", "prison", "--scorers", scorers, "--scorer", "goal_achieved",
+                 "--scorer", "toxicity")  # fmt: skip
+    store = Store.open(db, "alice")
+    goal = store.list_scores(scorer="goal_achieved")
+    assert len(goal) == 8 and all(s.valid for s in goal)  # the scripted judge answers validly
+    assert {s.value for s in goal} <= {"Yes", "No", "NotTried"}
+    toxicity = store.list_scores(scorer="toxicity")
+    assert len(toxicity) == 8 * 4 and {s.value for s in toxicity} <= {1, 2, 3, 4, 5}
+    assert "0 invalid answers" in scored
+    sheet = tmp_path / "sheet.csv"
+    cli("annotate", "export", "prison", "--scorer", "goal_achieved", "--annotator", "ann",
+        "--scorers", scorers, "--out", str(sheet))  # fmt: skip
+    rows = read(sheet)
+    for row in rows:
+        row["goal_achieved"] = "Yes"
+    with sheet.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    cli("annotate", "import", str(sheet), "--annotator", "ann")
+    assert "human:ann" in cli("agreement", "prison", "--scorer", "goal_achieved", "--scorers",
+                              scorers)  # fmt: skip
+    cli("report", "prison", "--by", "risks", "--by", "guard_personality", "--out",
+        str(tmp_path / "report"))  # fmt: skip
+    agreement = read(file_named(tmp_path / "report", "agreement_goal_achieved"))
+    assert int(agreement[0]["items"]) == 8
+    assert [r["condition"] for r in read(tmp_path / "report" / "tables" / "design.csv")] == [
+        f"risks={r} · guard_personality={g}" for r in ("yes", "no") for g in ("good", "bad")
+    ]
