@@ -516,6 +516,7 @@ def test_the_page_in_headless_chromium(study, tmp_path):
                        capture_output=True, timeout=90, check=True)  # fmt: skip
     finally:
         server.shutdown()
+        server.server_close()
     parsed = check_dom(dom)
     assert any(t == "figure" for t, _ in parsed.tags)
     # the page, and at most the favicon the browser asks for itself: no image, style or script
