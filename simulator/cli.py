@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from simulator import cli_results, cli_scoring
+from simulator import cli_report, cli_results, cli_scoring
 from simulator.errors import UserError
 from simulator.frontend import (
     LazyModule,
@@ -81,6 +81,7 @@ app.add_typer(experiment_app, name="experiment")
 app.add_typer(db_app, name="db")
 cli_results.register(app)
 cli_scoring.register(app)  # score, annotate, agreement (issue 11)
+cli_report.register(app)  # report (issue 12)
 
 log = logging.getLogger("simulator")
 

@@ -15,6 +15,9 @@ from simulator.errors import UserError
 from simulator.export_kinds import FORMATS, KINDS
 from simulator.frontend import friendly, open_store, out
 
+# parquet: the analysis tables (conversations, messages, scores) as parquet and csv (issue 12)
+EXPORT_FORMATS = (*FORMATS, "parquet")
+
 
 def register(app: typer.Typer) -> None:
     app.command("export")(export_command)
@@ -27,7 +30,11 @@ def export_command(
         ..., metavar="REF", help="Experiment, batch or conversation id (or unique prefix)."
     ),
     fmt: list[str] = typer.Option(
-        ["txt"], "--format", "-f", metavar="FORMAT", help=f"{' | '.join(FORMATS)} (repeatable)."
+        ["txt"],
+        "--format",
+        "-f",
+        metavar="FORMAT",
+        help=f"{' | '.join(EXPORT_FORMATS)} (repeatable; parquet: the analysis tables).",
     ),
     out_dir: Path = typer.Option(
         Path("exports"), "--out", "-o", metavar="DIR", help="Folder to write into."
@@ -58,8 +65,8 @@ def _export(
     from simulator.store import parse_where
 
     for f in formats:
-        if f not in FORMATS:
-            raise UserError(f"--format {f!r}: choose one of {', '.join(FORMATS)}.")
+        if f not in EXPORT_FORMATS:
+            raise UserError(f"--format {f!r}: choose one of {', '.join(EXPORT_FORMATS)}.")
     filters = parse_where(where)
     store = open_store()
     selection = export.select(store, ref, kind, filters)
@@ -75,7 +82,12 @@ def _export(
             f"`simulator run {(selection.experiment.id or '')[:8]}`."
         )
     for f in dict.fromkeys(formats):
-        result = export.export_selection(store, selection, f, out_dir)
+        if f == "parquet":
+            from simulator.analysis.tables import export_tables
+
+            result = export_tables(store, selection, out_dir)
+        else:
+            result = export.export_selection(store, selection, f, out_dir)
         folder = out_dir / export.experiment_folder(selection.experiment)
         what = f"{result.rows} rows" if f in ("jsonl", "csv") else f"{len(result.files)} files"
         out.print(f"{f}: {result.conversations} conversation(s), {what} in {folder}")

@@ -106,3 +106,7 @@ class NotAFile(UserError):
 
 class SheetRejected(UserError):
     """An annotation sheet with invalid rows: nothing of it was imported (issue 11)."""
+
+
+class MissingExtra(UserError):
+    """An optional dependency (an extra such as `analysis`) is not installed (issue 12)."""

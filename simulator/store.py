@@ -1747,6 +1747,43 @@ class Store:
         doc = self._annotation_sheets.find_one({"_id": sheet_id})
         return _sheet(doc) if doc else None
 
+    # --- analysis (issue 12): bulk reads for the dataframes and the report -------------------
+    # A fixed number of queries whatever the number of conversations: messages are read per
+    # batch (or 50 ids at a time for a few loose ones), scores per experiment.
+
+    def analysis_messages(
+        self, records: list[ConversationRecord]
+    ) -> Iterator[tuple[ConversationRecord, list[Message]]]:
+        """Each record with its stored messages in (day, turn) order, messages only."""
+        by_batch: dict[str | None, list[ConversationRecord]] = {}
+        for rec in records:
+            by_batch.setdefault(rec.batch_id, []).append(rec)
+        skip = {"_id": 0, "batch_id": 0, "created_at": 0, "raw": 0}
+        for batch_id, recs in by_batch.items():
+            found: dict[str, list[Message]] = {r.id: [] for r in recs}
+            if batch_id is not None and len(recs) > 50:
+                queries: list[dict[str, Any]] = [{"batch_id": batch_id}]
+            else:
+                ids = [r.id for r in recs]
+                queries = [{"conversation_id": {"$in": ids[i : i + 50]}}
+                           for i in range(0, len(ids), 50)]  # fmt: skip
+            for query in queries:
+                for d in self._messages.find(query, skip):
+                    if (kept := found.get(d["conversation_id"])) is not None:
+                        kept.append(_message(d))
+            for rec in recs:
+                messages = found[rec.id]
+                messages.sort(key=lambda m: (m.day, m.turn))
+                yield rec, messages
+
+    def analysis_scores(self, experiment_id: str, batch_id: str | None = None) -> list[Score]:
+        """Every score of an experiment (or one batch of it), without the judge's prompt and
+        raw answer, unsorted (one query)."""
+        query: dict[str, Any] = {"experiment_id": experiment_id}
+        if batch_id is not None:
+            query["batch_id"] = batch_id
+        return [_score(d) for d in self._scores.find(query, {"prompt": 0, "raw": 0})]
+
 
 TALLY_RELEASED = "released"
 TALLY_CHECKED = "checked:"

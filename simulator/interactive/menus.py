@@ -237,6 +237,7 @@ class Menus:
                         user,
                         _others_work(conversations, user),
                     ),
+                    Choice("Report: tables and figures", "report"),
                     Choice("Back", _BACK),
                 ],
             )
@@ -256,6 +257,10 @@ class Menus:
                 self.guarded(self.store.set_favourite, exp.id or "", not exp.favourite)
             elif choice == "export":
                 self.guarded(self.export, exp)
+            elif choice == "report":
+                from simulator.interactive.report import ask_report
+
+                self.guarded(ask_report, self.store, self.q, exp)
             elif choice == "browse":
                 self.browse(exp)
             elif choice == "delete" and self.guarded(self.delete, exp, len(conversations)):

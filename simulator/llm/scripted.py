@@ -126,5 +126,23 @@ class ScriptedModel:
             names = list(dict.fromkeys(_NAME_RE.findall(last)))
             if names:
                 return names[digest[0] % len(names)]
+        from simulator.scoring.judge import SYSTEM as JUDGE_SYSTEM
+
+        if messages and messages[0]["content"] == JUDGE_SYSTEM:  # a dry run of a judge scorer
+            answers = _judge_answers(last)
+            if answers:
+                return answers[digest[0] % len(answers)]
         count = 1 + digest[1] % 3
         return " ".join(_SENTENCES[b % len(_SENTENCES)] for b in digest[2 : 2 + count])
+
+
+def _judge_answers(question: str) -> list[str]:
+    """The answers a judge's instructions allow (scoring/judge.py `instructions`), so that a
+    scorer can be dry-run offline: labels, the numbers of a scale, turns or none."""
+    if m := re.search(r"one of these labels and nothing else: (.+)\.\s*$", question):
+        return [label.strip() for label in m.group(1).split(",")]
+    if m := re.search(r"whole number from (-?\d+) to (-?\d+)", question):
+        return [str(v) for v in range(int(m.group(1)), int(m.group(2)) + 1)]
+    if m := re.search(r"number of the turn \(1 to (\d+)\)", question):
+        return ["none", *(str(t) for t in range(1, int(m.group(1)) + 1))]
+    return []
