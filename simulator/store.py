@@ -732,7 +732,7 @@ class Store:
         me = {"host": socket.gethostname(), "pid": -1}
         for b in held:
             assert b.holder is not None
-            if b.workers is not None and b.holder.token:  # a run of workers: any of them
+            if b.workers and b.holder.token:  # a run of workers: any of them
                 b.runner_alive = any(not _lease_free(w, me, server_now) for w in b.workers)
             else:
                 b.runner_alive = not _lease_free(b.holder, me, server_now)
@@ -1223,7 +1223,7 @@ class Store:
             me = {"host": lease.host, "pid": lease.pid}
             holder = _holder(doc.get("runner"))
             live = _live_workers(doc.get("workers"), me, server_now)
-            if holder is not None and holder.token and "workers" in doc:
+            if holder is not None and holder.token and doc.get("workers"):
                 alive = bool(live)  # a run of workers: alive while one of them is
             else:
                 alive = holder is not None and not _lease_free(holder, me, server_now)
