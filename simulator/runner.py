@@ -434,7 +434,6 @@ class _BatchRun:
         self.crash: BaseException | None = None  # a BaseException from a thread: re-raised
         self.no_more = threading.Event()  # the budget is spent: claim nothing more
         self.budget_reason: str | None = None
-        self.budget_checked = 0.0
         self.dead: set[str] = set()  # tokens of workers found dead (their claims are free)
         self.threads: list[threading.Thread] = []
         self.writer: _RecordWriter | None = None  # the records of every conversation thread
@@ -587,9 +586,10 @@ class _BatchRun:
         if budget is None:
             return False
         with self.lock:
-            if time.monotonic() - self.budget_checked < 0.5 and not self.budget_reason:
-                return False
-            self.budget_checked = time.monotonic()
+            # tokens: one read of the batch's running totals; cost: a sum over its records,
+            # so at most twice a second
+            # before every claim: a budget is a promise (tokens: one read of the batch's
+            # running totals; cost: a sum over its records by model)
             reason = budget.reached(self.store, self.batch, self.exp)
             if reason is None:
                 return False
