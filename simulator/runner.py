@@ -619,9 +619,11 @@ class _BatchRun:
             pass
         except LeaseLost as e:
             assert self.lease is not None
-            if record.id in self.lease.lost_conversations and not self.lease.lost.is_set():
-                log.warning("conversation %s was taken over by another worker", record.id)
-                return  # another worker continues it; this one goes on with others
+            if self.lease.held:
+                # The conversation was taken over, or this worker was silent for too long
+                # (then, unless another took it, it claims it again once its claim is stale).
+                log.warning("conversation %s was taken over by another worker: %s", record.id, e)
+                return
             self._lease_failed(e)
         except (StorageError, PyMongoError) as e:
             self._storage_failed(e)

@@ -166,9 +166,14 @@ class Lease:
     def check(self, conv_id: str | None = None) -> None:
         """Raise LeaseLost unless this run still holds the batch (and, for a worker, the
         conversation `conv_id`)."""
-        stale = time.monotonic() - self.beat_at > self.seconds  # others may have taken over
-        if self.worker and stale:
-            self.lost.set()
+        if self.worker and self.held and time.monotonic() - self.beat_at > self.seconds:
+            # Not heard of for longer than the lease: others may have taken its
+            # conversations over. Nothing is written until a heartbeat lands again.
+            raise LeaseLost(
+                f"This worker of batch {self.batch_id} was not heard from for "
+                f"{self.seconds:g} s, so it stopped writing; its conversations are left to "
+                "the workers that took them over."
+            )
         if conv_id is not None and conv_id in self.lost_conversations:
             raise LeaseLost(
                 f"Conversation {conv_id} was taken over by another worker (this one was not "
@@ -1362,6 +1367,7 @@ class Store:
         if before is None:
             return None
         lease.conversations.add(before["_id"])
+        lease.lost_conversations.discard(before["_id"])  # claimed again
         if before.get("status") == running and (before.get("claim") or {}).get("epoch") == epoch:
             # taken from a worker of this run that stopped answering: it may have died
             # between a write and its count

@@ -53,7 +53,7 @@ def messages_of(db, conv_ids: list[str]) -> int:
 def test_three_workers_share_a_batch_and_a_killed_ones_conversation_is_continued(
     settings, env_for, db, tmp_path
 ):
-    server = FakeLLMServer(models={"m1:latest"}, reply=deterministic_reply, latency=0.06)
+    server = FakeLLMServer(models={"m1:latest"}, reply=deterministic_reply, latency=0.3)
     with server:
         yaml = llm_yaml(tmp_path, server)
         env = env_for(settings)
