@@ -16,7 +16,14 @@ from simulator.cli import app
 from simulator.store import Store
 from tests.scenarios import PRISON_ONE
 from tests.servers import FakeLLMServer, write_experiment
-from tests.test_kill_resume import GRID, Cli, check_batch, deterministic_reply, transcripts, wait_until
+from tests.test_kill_resume import (
+    GRID,
+    Cli,
+    check_batch,
+    deterministic_reply,
+    transcripts,
+    wait_until,
+)
 
 
 def llm_yaml(tmp_path, server: FakeLLMServer) -> str:
@@ -67,7 +74,9 @@ def test_three_workers_share_a_batch_and_a_killed_ones_conversation_is_continued
             "the batch",
         )
         batch_id = db.batches.find_one({"creator": "alice"})["_id"]
-        second, victim = (cli.start("work", batch_id, "--concurrency", "1", "--plain") for _ in "ab")
+        second, victim = (
+            cli.start("work", batch_id, "--concurrency", "1", "--plain") for _ in "ab"
+        )
         # the victim is killed in the middle of a conversation it runs
         wait_until(
             lambda: messages_of(db, claimed_by(db, batch_id, victim.pid)) >= 2,
@@ -91,9 +100,7 @@ def test_three_workers_share_a_batch_and_a_killed_ones_conversation_is_continued
         # most the killed worker's call in flight and the one whose record it was writing
         assert reference_calls <= server.calls - calls <= reference_calls + 2
         # each worker did some; the killed one's conversation was finished by another
-        finished_by = {
-            d["claim"]["pid"] for d in db.conversations.find({"batch_id": batch_id})
-        }
+        finished_by = {d["claim"]["pid"] for d in db.conversations.find({"batch_id": batch_id})}
         assert {first.pid, second.pid} <= finished_by and victim.pid not in finished_by
         (taken,) = left
         assert db.conversations.find_one({"_id": taken})["claim"]["pid"] in (first.pid, second.pid)
@@ -101,9 +108,7 @@ def test_three_workers_share_a_batch_and_a_killed_ones_conversation_is_continued
         assert db.batches.find_one({"_id": batch_id}).get("runner") is None  # released
 
 
-def test_a_worker_whose_claim_was_taken_over_writes_nothing_more(
-    settings, env_for, db, tmp_path
-):
+def test_a_worker_whose_claim_was_taken_over_writes_nothing_more(settings, env_for, db, tmp_path):
     server = FakeLLMServer(models={"m1:latest"}, reply=deterministic_reply, latency=0.2)
     with server:
         yaml = llm_yaml(tmp_path, server)
