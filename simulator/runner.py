@@ -435,6 +435,7 @@ class _BatchRun:
         self.no_more = threading.Event()  # the budget is spent: claim nothing more
         self.budget_reason: str | None = None
         self.dead: set[str] = set()  # tokens of workers found dead (their claims are free)
+        self.waiter: int | None = None  # the thread that waits for work (see _claim)
         self.threads: list[threading.Thread] = []
         self.writer: _RecordWriter | None = None  # the records of every conversation thread
         self.pool = ModelPool(
@@ -568,6 +569,10 @@ class _BatchRun:
                 return record
             if self._prepared() and self.store.claimed_by_others(self.lease) == 0:
                 return None
+            with self.lock:  # one thread waits for others' conversations; the rest end
+                if self.waiter not in (None, threading.get_ident()):
+                    return None
+                self.waiter = threading.get_ident()
             self.dead |= self.store.reap_workers(self.lease)
             if self.stop.wait(self.options.poll):
                 return None
@@ -874,8 +879,8 @@ def _run_one(
 ) -> None:
     if options.stop.is_set():
         raise Interrupted()
-    if not store.mark_running(record.id, lease):
-        return  # another run has completed it since this one read it
+    if not lease.worker and not store.mark_running(record.id, lease):
+        return  # another run has completed it since this one read it (a claim is running)
     resuming = record.status != ConversationStatus.PENDING
     done = store.load_transcript(record.id, discard_partial=True) if resuming else None
     stored = len(done.messages) + len(done.summaries) + len(done.selector_calls) if done else 0

@@ -1381,24 +1381,19 @@ class Store:
     def _fence(
         self, conv_ids: list[str], lease: Lease, outcome: list[BaseException | None]
     ) -> set[int]:
-        """Positions of records whose conversation this worker no longer holds: refused."""
-        wanted = sorted(set(conv_ids) - lease.lost_conversations)
-        mine = {
-            d["_id"]
-            for d in self._conversations.find(
-                {"_id": {"$in": wanted}, "claim.token": lease.token}, {"_id": 1}
-            )
-        }
-        lease.lost_conversations |= set(wanted) - mine
+        """Positions of records whose conversation this worker no longer holds: refused.
+
+        No read of the database: a claim can only be taken over once its heartbeat is
+        older than the lease's seconds, and a worker whose own last heartbeat is that old
+        writes nothing (Lease.check); a claim found taken by a heartbeat is in
+        `lost_conversations`."""
         refused = set()
         for i, conv_id in enumerate(conv_ids):
-            if conv_id not in mine:
+            try:
+                lease.check(conv_id)
+            except LeaseLost as e:
                 refused.add(i)
-                try:
-                    lease.check(conv_id)
-                    raise LeaseLost(f"Conversation {conv_id} is not claimed by this worker.")
-                except LeaseLost as e:
-                    outcome[i] = e
+                outcome[i] = e
         return refused
 
     def reap_workers(self, lease: Lease) -> set[str]:
