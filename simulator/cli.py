@@ -333,9 +333,15 @@ def experiment_delete(
 
 
 def run_options(
-    concurrency: int | None, max_failures: str | None, plain: bool, *, manual: bool = False
+    concurrency: int | None,
+    max_failures: str | None,
+    plain: bool,
+    *,
+    manual: bool = False,
+    max_tokens: int | None = None,
+    max_cost: float | None = None,
 ) -> RunOptions:
-    """Options of `run` and `resume`. `manual`: the grid has manual speaker selection."""
+    """Options of `run`, `resume` and `work`. `manual`: the grid has manual speaker selection."""
     from simulator.interactive import manual_chooser
     from simulator.settings import load_settings
 
@@ -345,6 +351,8 @@ def run_options(
         max_failures=max_failures,
         manual=manual_chooser() if manual and sys.stdin.isatty() else None,
         on_warning=lambda w: err.print(f"[yellow]Warning:[/] {w}", markup=True),
+        max_tokens=max_tokens,
+        max_cost=max_cost,
     )
 
 
@@ -405,6 +413,8 @@ def finish(store: Store, report: BatchReport) -> None:
     """Say where results are; exit non-zero when the batch did not complete."""
     if report.note:
         out.print(report.note)
+    if report.status == "running":  # a worker done while other workers go on (issue 13)
+        return
     if report.status == "interrupted":
         out.print(f"Interrupted. Continue with:  simulator resume {report.batch_id}")
         sys.stdout.flush()
@@ -443,6 +453,20 @@ MAX_FAILURES_OPTION = typer.Option(
     "(e.g. 5) or fraction (e.g. 0.2 or 20%; default 0.1).",
 )
 PLAIN_OPTION = typer.Option(False, "--plain", help="One line per event, no live display.")
+MAX_TOKENS_OPTION = typer.Option(
+    None,
+    "--max-tokens",
+    metavar="N",
+    help="Stop starting conversations once the batch has used N tokens (prompt + completion, "
+    "all workers); those in flight finish and the batch stays resumable.",
+)
+MAX_COST_OPTION = typer.Option(
+    None,
+    "--max-cost",
+    metavar="AMOUNT",
+    help="Like --max-tokens, for the cost by the prices in SIMULATOR_PRICES "
+    "(MODEL=PROMPT/COMPLETION per 1M tokens; ...).",
+)
 
 
 @app.command()
@@ -498,6 +522,8 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the grid and call count only."),
     concurrency: int | None = CONCURRENCY_OPTION,
     max_failures: str | None = MAX_FAILURES_OPTION,
+    max_tokens: int | None = MAX_TOKENS_OPTION,
+    max_cost: float | None = MAX_COST_OPTION,
     plain: bool = PLAIN_OPTION,
     as_new: bool = NEW_OPTION,
     score: bool = typer.Option(
@@ -529,7 +555,9 @@ def run(
         return
     assert store is not None
     manual = "manual" in grid.speakers
-    options = run_options(concurrency, max_failures, plain, manual=manual)
+    options = run_options(
+        concurrency, max_failures, plain, manual=manual, max_tokens=max_tokens, max_cost=max_cost
+    )
     report = execute(store, lambda o: start_batch(store, exp, grid, o), options, plain or manual)
     finish(store, report)
     if score:  # issue 11: only a completed batch gets here
@@ -542,6 +570,8 @@ def resume(
     batch: str | None = typer.Argument(None, help="Batch id or prefix (default: your latest)."),
     concurrency: int | None = CONCURRENCY_OPTION,
     max_failures: str | None = MAX_FAILURES_OPTION,
+    max_tokens: int | None = MAX_TOKENS_OPTION,
+    max_cost: float | None = MAX_COST_OPTION,
     plain: bool = PLAIN_OPTION,
 ) -> None:
     """Continue an interrupted batch after the last stored message of each conversation."""
@@ -552,27 +582,104 @@ def resume(
             raise UserError("You have no batch to resume: start one with `simulator run`.")
         batch = latest.id
     manual = "manual" in store.get_batch(batch).grid.speakers
-    options = run_options(concurrency, max_failures, plain, manual=manual)
+    options = run_options(
+        concurrency, max_failures, plain, manual=manual, max_tokens=max_tokens, max_cost=max_cost
+    )
     report = execute(store, lambda o: resume_batch(store, batch, o), options, plain or manual)
     finish(store, report)
 
 
 @app.command()
 @friendly
+def work(
+    batch: str = typer.Argument(..., help="Batch id or prefix."),
+    concurrency: int | None = CONCURRENCY_OPTION,
+    max_failures: str | None = MAX_FAILURES_OPTION,
+    max_tokens: int | None = MAX_TOKENS_OPTION,
+    max_cost: float | None = MAX_COST_OPTION,
+    plain: bool = PLAIN_OPTION,
+) -> None:
+    """Join a batch as one more worker: start as many as you like, on any machines that
+    share the database (e.g. a Slurm job array); each claims conversations until none is
+    left. A worker that dies leaves its conversation to the others (after
+    SIMULATOR_WORKER_TIMEOUT seconds, at once on the same machine)."""
+    from simulator.runner import work_batch
+
+    store = open_store()
+    options = run_options(
+        concurrency, max_failures, plain, max_tokens=max_tokens, max_cost=max_cost
+    )
+    report = execute(store, lambda o: work_batch(store, batch, o), options, plain)
+    finish(store, report)
+
+
+@app.command()
+@friendly
+def watch(
+    batch: str | None = typer.Argument(
+        None, help="Batch id or prefix (default: the newest batch in the database)."
+    ),
+    interval: float = typer.Option(
+        2.0, "--interval", metavar="SECONDS", help="Time between looks."
+    ),
+    once: bool = typer.Option(False, "--once", help="Look once and exit."),
+) -> None:
+    """Follow a batch run by anyone, from any terminal: done/total, messages, tokens, rate,
+    ETA, failures, and its live workers with their hosts. Ends when nobody works on it."""
+    import time
+
+    from simulator.workers.watch import describe, look
+
+    if not interval > 0:
+        raise UserError(f"--interval must be a positive number of seconds (got {interval}).")
+    store = open_store()
+    if batch is None:
+        newest = store.list_batches(limit=1)
+        if not newest:
+            raise UserError(
+                "There is no batch in the database yet: start one with `simulator run`."
+            )
+        batch = newest[0].id
+    first = None
+    last_line = None
+    try:
+        while True:
+            now = look(store, batch)
+            first = first or now
+            line = describe(now, first if now is not first else None)
+            if line != last_line:
+                out.print(line, markup=False, highlight=False, soft_wrap=True)
+                sys.stdout.flush()
+                last_line = line
+            if once or now.over:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@app.command()
+@friendly
 def status(
-    batch: str | None = typer.Argument(None, help="Batch id or prefix (default: your batches)."),
-    all_batches: bool = typer.Option(False, "--all", help="Everyone's batches, not only yours."),
+    batch: str | None = typer.Argument(
+        None, help="Batch id or prefix (default: every batch in the database)."
+    ),
+    mine: bool = typer.Option(False, "--mine", help="Only your batches."),
+    all_batches: bool = typer.Option(
+        False, "--all", hidden=True, help="Everyone's batches (the default)."
+    ),
     limit: int = typer.Option(20, "--limit", "-n", help="Show at most this many batches."),
 ) -> None:
-    """Show batches: conversations by status, tokens, time, failures with their reasons."""
+    """Show batches, live or dead: conversations by status, tokens, time, live workers,
+    failures with their reasons."""
     store = open_store()
     if batch:
         batches = [store.get_batch(batch)]
     else:
-        mine = None if all_batches else store.user
-        batches = store.list_batches(creator=mine, limit=max(limit, 1))
+        creator = store.user if mine and not all_batches else None
+        batches = store.list_batches(creator=creator, limit=max(limit, 1))
     if not batches:
-        hint = "" if all_batches else " (`--all` shows everyone's)"
+        hint = " (without `--mine`, everyone's are shown)" if mine else ""
         out.print(f"No batches yet{hint}: start one with `simulator run`.")
         return
     names = store.experiment_names(b.experiment_id for b in batches)
@@ -580,6 +687,7 @@ def status(
         progress = store.batch_progress(b)  # kept on the batch: no counting of every record
         counts, totals = progress.counts, progress.totals
         out.print(display.batch_status_text(b, names.get(b.experiment_id), counts, totals))
+        out.print(f"    {_liveness(store, b)}", markup=False, highlight=False)
         if b.error and b.status != "interrupted":
             out.print(f"    stopped: {b.error}", markup=False)
         for line in display.failures_text(totals.failures):
@@ -593,6 +701,22 @@ def status(
         unfinished = b.status != "completed" and counts.get("completed", 0) < b.total
         if unfinished and not display.batch_running(b):  # a live one is being worked on
             out.print(f"    continue with:  simulator resume {b.id}", markup=False)
+
+
+def _liveness(store: Store, b: object) -> str:
+    """`live` with its workers and hosts, or `dead` (its workers are gone), or `idle`."""
+    from simulator.store import BatchRecord
+
+    assert isinstance(b, BatchRecord)
+    if display.batch_running(b):
+        workers = [w for w in store.batch_workers(b) if w.alive] if b.workers else []
+        if not workers:
+            return f"live: {b.holder}"
+        hosts = sorted({w.host for w in workers})
+        return f"live: {display.plural(len(workers), 'worker')} on {', '.join(hosts)}"
+    if b.stopped_unexpectedly:
+        return "dead: no worker is alive (`simulator resume` or `simulator work` continues it)"
+    return "idle: nobody works on it"
 
 
 @app.command()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from pymongo.errors import ConnectionFailure, DocumentTooLarge, OperationFailure, PyMongoError
 
-from simulator import prompts
+from simulator import pricing, prompts
 from simulator.conversation import (
     Conversation,
     ConversationSpec,
@@ -52,6 +52,7 @@ from simulator.experiment import Experiment, ModelSpec
 from simulator.grid import Grid
 from simulator.llm.registry import ModelPool, endpoint_key, preflight
 from simulator.llm.retry import RetryPolicy
+from simulator.pricing import Price
 from simulator.quality import Quality, UsableRule, assess
 from simulator.settings import Settings
 from simulator.status import BatchStatus, ConversationStatus
@@ -125,6 +126,33 @@ class RunOptions:
     lease_seconds: float = LEASE_SECONDS
     templates: prompts.Templates | None = None  # None: the shipped ones
     usable_rule: UsableRule = field(default_factory=UsableRule)  # SIMULATOR_USABLE_MAX_*
+    # Many workers, one batch (issue 13): `join` works alongside the batch's live workers
+    # (`simulator work`); without it a live run refuses (`resume`).
+    join: bool = False
+    poll: float = 0.5  # seconds between looks for work while others' conversations run
+    budget: Budget | None = None  # --max-tokens / --max-cost
+
+
+@dataclass
+class Budget:
+    """Stop scheduling new conversations once the batch has used this much (its stored
+    usage, every worker's); the conversations in flight finish."""
+
+    max_tokens: int | None = None
+    max_cost: float | None = None
+    prices: dict[str, Price] = field(default_factory=dict)  # by model (see pricing.py)
+
+    def reached(self, store: Store, batch: BatchRecord, exp: Experiment) -> str | None:
+        """Why the budget is spent, or None."""
+        if self.max_tokens is not None:
+            used = store.batch_tokens(batch.id)
+            if used >= self.max_tokens:
+                return f"--max-tokens {self.max_tokens:,} reached ({used:,} tokens used)"
+        if self.max_cost is not None:
+            cost = pricing.batch_cost(store, batch.id, exp, self.prices)
+            if cost >= self.max_cost:
+                return f"--max-cost {self.max_cost:g} reached (cost so far {cost:.4f})"
+        return None
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:
@@ -144,6 +172,8 @@ def options_from_settings(
     max_failures: str | None = None,
     manual: ManualChooser | None = None,
     on_warning: Callable[[str], None] | None = None,
+    max_tokens: int | None = None,
+    max_cost: float | None = None,
 ) -> RunOptions:
     """The options every front end (CLI and menus) runs a batch with: the flags given, then
     SIMULATOR_CONCURRENCY and the SIMULATOR_RETRY_* settings. With a manual speaker
@@ -154,7 +184,16 @@ def options_from_settings(
         concurrency = settings.concurrency
     if manual is not None:
         concurrency = 1
+    budget = None
+    if max_tokens is not None or max_cost is not None:
+        if max_tokens is not None and max_tokens < 1:
+            raise UserError(f"--max-tokens must be at least 1 (got {max_tokens}).")
+        if max_cost is not None and not (math.isfinite(max_cost) and max_cost > 0):
+            raise UserError(f"--max-cost must be a positive amount (got {max_cost}).")
+        budget = Budget(max_tokens, max_cost, pricing.parse_prices(settings.prices))
     return RunOptions(
+        budget=budget,
+        lease_seconds=settings.worker_timeout,
         concurrency=concurrency,
         max_failures=max_failures,
         retry=retry_policy(settings),
@@ -203,6 +242,7 @@ def model_specs(exp: Experiment, grid: Grid) -> list[ModelSpec]:
 def start_batch(store: Store, exp: Experiment, grid: Grid, options: RunOptions) -> BatchReport:
     """Create a batch for `grid` and run it to the end (or until it stops)."""
     _refuse_manual_without_chooser(grid.speakers, options)
+    _check_budget(exp, grid, options)
     failure_threshold(options.max_failures, grid.size())  # a bad value fails before any write
     templates = options.templates or prompts.shipped_templates()  # fails before any write
     _preflight(exp, grid, options)  # an unreachable endpoint fails before any write
@@ -220,18 +260,53 @@ def resume_batch(store: Store, ref: str, options: RunOptions) -> BatchReport:
     with _storage_errors(None):
         batch = store.get_batch(ref)
         exp = store.get_experiment(batch.experiment_id)
+    _check_creator(store, batch, "resume")
+    return _continue(store, batch, exp, options)
+
+
+def work_batch(store: Store, ref: str, options: RunOptions) -> BatchReport:
+    """Join a batch as one more worker (any number, on any machines sharing the database):
+    claim its conversations one at a time until none is left. On a batch nobody runs, this
+    is `resume`. Only the batch's creator's workers may work on it, as only they may resume
+    it (its conversations are theirs)."""
+    from dataclasses import replace
+
+    with _storage_errors(None):
+        batch = store.get_batch(ref)
+        exp = store.get_experiment(batch.experiment_id)
+    _check_creator(store, batch, "work on")
+    with _storage_errors(None):
+        unfinished = store.count_unfinished(batch.id) if batch.prepared else 1
+    if unfinished == 0 and batch.status == BatchStatus.COMPLETED:
+        return BatchReport(
+            batch_id=batch.id,
+            status=BatchStatus.COMPLETED,
+            total=batch.total,
+            counts={ConversationStatus.COMPLETED.value: batch.total},
+            note=f"Batch {batch.id} is finished: nothing left for this worker.",
+        )
+    return _continue(store, batch, exp, replace(options, join=True))
+
+
+def _check_creator(store: Store, batch: BatchRecord, action: str) -> None:
     if batch.creator != store.user:
         raise PermissionDenied(
-            f"Batch {batch.id} belongs to {batch.creator}: only {batch.creator} can resume it "
+            f"Batch {batch.id} belongs to {batch.creator}: only {batch.creator} can {action} it "
             f"(you are {store.user}). To run the same grid yourself, copy the experiment with "
             f"`simulator experiment duplicate {batch.experiment_id[:8]}` and start your own "
             "batch of the copy with `simulator run NEW_ID ...`."
         )
+
+
+def _continue(
+    store: Store, batch: BatchRecord, exp: Experiment, options: RunOptions
+) -> BatchReport:
     with _storage_errors(None):
         finished = batch.prepared and store.count_unfinished(batch.id) == 0
     if finished:
         return _mark_finished(store, batch, exp, options)
     _refuse_manual_without_chooser(batch.grid.speakers, options)
+    _check_budget(exp, batch.grid, options)
     failure_threshold(options.max_failures, batch.total)
     templates = options.templates or prompts.shipped_templates()
     _preflight(exp, batch.grid, options)
@@ -264,6 +339,11 @@ def _mark_finished(
             "Nothing was run again."
         ),
     )
+
+
+def _check_budget(exp: Experiment, grid: Grid, options: RunOptions) -> None:
+    if options.budget is not None and options.budget.max_cost is not None:
+        pricing.require_prices(model_specs(exp, grid), options.budget.prices)
 
 
 def _refuse_manual_without_chooser(speakers: list[str], options: RunOptions) -> None:
@@ -325,7 +405,13 @@ def _run(
     run = _BatchRun(store, batch, exp, options, templates)
     with (
         _storage_errors(batch.id),
-        store.batch_lease(batch.id, seconds=options.lease_seconds, on_lost=run.lease_lost) as lease,
+        store.worker_lease(
+            batch.id,
+            seconds=options.lease_seconds,
+            join=options.join,
+            on_lost=run.lease_lost,
+            on_last=run.final_status,
+        ) as lease,
     ):
         run.lease = lease
         return run.run()
@@ -359,8 +445,10 @@ class _BatchRun:
         self.interrupted = False
         self.storage_error: BaseException | None = None
         self.crash: BaseException | None = None  # a BaseException from a thread: re-raised
-        self.todo: queue.Queue[ConversationRecord] = queue.Queue()
-        self.fed = threading.Event()
+        self.no_more = threading.Event()  # the budget is spent: claim nothing more
+        self.budget_reason: str | None = None
+        self.dead: set[str] = set()  # tokens of workers found dead (their claims are free)
+        self.waiter: int | None = None  # the thread that waits for work (see _claim)
         self.threads: list[threading.Thread] = []
         self.writer: _RecordWriter | None = None  # the records of every conversation thread
         self.pool = ModelPool(
@@ -381,8 +469,9 @@ class _BatchRun:
         # whole batch, and the closing summary needs no query (issue 14).
         self.outcome.complete = not batch.prepared
         try:
-            if not batch.prepared:
-                self._prepare()
+            if not batch.prepared and self.lease.owner == self.lease.token:
+                self._prepare()  # the worker that began the run prepares it; others wait
+                batch.prepared = True
             store.set_batch_status(batch.id, BatchStatus.RUNNING, lease=self.lease)
             self.threshold = failure_threshold(self.options.max_failures, batch.total)
             remaining = store.count_unfinished(batch.id)
@@ -396,15 +485,13 @@ class _BatchRun:
             )
             specs = {endpoint_key(s): s for s in model_specs(self.exp, batch.grid)}
             workers = max(1, sum(self.pool.limit(s) for s in specs.values()))
-            self.todo = queue.Queue(maxsize=workers)  # a small buffer: the rest stays in the store
             self.writer = _RecordWriter(store, self.lease, self.outcome.stored)
             self.threads = [
                 threading.Thread(target=self._worker, name=f"{THREAD_PREFIX}-{i}", daemon=True)
-                for i in range(min(workers, remaining))
+                for i in range(min(workers, max(remaining, 1)))
             ]
             for thread in self.threads:
                 thread.start()
-            self._feed()
             abandoned = self._join()
         except KeyboardInterrupt:
             abandoned = self._interrupted()
@@ -468,30 +555,71 @@ class _BatchRun:
 
     # --- the feeder and the conversation threads ----------------------------------------
 
-    def _feed(self) -> None:
-        try:
-            for record in self.store.unfinished_conversations(self.batch.id):
-                while True:
-                    if self.stop.is_set():
-                        return
-                    try:
-                        self.todo.put(record, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-        finally:
-            self.fed.set()
-
     def _worker(self) -> None:
-        assert self.writer is not None
-        while not self.stop.is_set():
-            try:
-                record = self.todo.get(timeout=0.1)
-            except queue.Empty:
-                if self.fed.is_set():
+        """A conversation thread: claim a conversation, run it, and again, until none is left."""
+        assert self.writer is not None and self.lease is not None
+        try:
+            while not self.stop.is_set():
+                record = self._claim()
+                if record is None:
                     return
-                continue
-            self._work(record, _Writes(self.writer))
+                try:
+                    self._work(record, _Writes(self.writer))
+                finally:
+                    self.store.release_claim(self.lease, record.id)
+        except (StorageError, PyMongoError) as e:
+            self._storage_failed(e)
+        except LeaseLost as e:
+            self._lease_failed(e)
+
+    def _claim(self) -> ConversationRecord | None:
+        """The next conversation this worker runs, or None when there is none left: none
+        pending, and none running under another worker (which may die: then its
+        conversation is claimed and continued here)."""
+        assert self.lease is not None
+        while not self.stop.is_set():
+            if self._budget_spent():
+                return None
+            record = self.store.claim_conversation(self.lease, dead=self.dead)
+            if record is not None:
+                return record
+            if self._prepared() and self.store.claimed_by_others(self.lease) == 0:
+                return None
+            with self.lock:  # one thread waits for others' conversations; the rest end
+                if self.waiter not in (None, threading.get_ident()):
+                    return None
+                self.waiter = threading.get_ident()
+            self.dead |= self.store.reap_workers(self.lease)
+            if self.stop.wait(self.options.poll):
+                return None
+        return None
+
+    def _prepared(self) -> bool:
+        if not self.batch.prepared:
+            self.batch.prepared = self.store.get_batch(self.batch.id).prepared
+        return self.batch.prepared
+
+    def _budget_spent(self) -> bool:
+        """Whether the batch's budget is used up (looked at twice a second at most)."""
+        budget = self.options.budget
+        if self.no_more.is_set():
+            return True
+        if budget is None:
+            return False
+        with self.lock:
+            # tokens: one read of the batch's running totals; cost: a sum over its records,
+            # so at most twice a second
+            # before every claim: a budget is a promise (tokens: one read of the batch's
+            # running totals; cost: a sum over its records by model)
+            reason = budget.reached(self.store, self.batch, self.exp)
+            if reason is None:
+                return False
+            first = self.budget_reason is None
+            self.budget_reason = reason
+            self.no_more.set()
+        if first:
+            self.notify(ProgressEvent("stopping", self.batch.id, error=reason))
+        return True
 
     def _work(self, record: ConversationRecord, writes: _Writes) -> None:
         assert self.lease is not None
@@ -511,6 +639,12 @@ class _BatchRun:
         except Interrupted:
             pass
         except LeaseLost as e:
+            assert self.lease is not None
+            if self.lease.held:
+                # The conversation was taken over, or this worker was silent for too long
+                # (then, unless another took it, it claims it again once its claim is stale).
+                log.warning("conversation %s was taken over by another worker: %s", record.id, e)
+                return
             self._lease_failed(e)
         except (StorageError, PyMongoError) as e:
             self._storage_failed(e)
@@ -578,31 +712,72 @@ class _BatchRun:
 
     # --- the end ---------------------------------------------------------------------------
 
+    def final_status(self, counts: dict[str, int] | None = None) -> tuple[BatchStatus, str | None]:
+        """The batch's status when this worker is the last to leave it (from `counts`, the
+        conversations by status, when the run counted them itself)."""
+        if counts is None:
+            counts = self.store.batch_counts(self.batch.id)
+        reason = self.reason or self.budget_reason
+        waiting = sum(
+            counts.get(s.value, 0)
+            for s in (
+                ConversationStatus.PENDING,
+                ConversationStatus.RUNNING,
+                ConversationStatus.INTERRUPTED,
+            )
+        )
+        unfinished = sum(n for s, n in counts.items() if s != ConversationStatus.COMPLETED)
+        if self.interrupted or (self.stop.is_set() and not reason):
+            # Ctrl-C, kill, or a front end setting options.stop
+            return BatchStatus.INTERRUPTED, "interrupted"
+        if reason:
+            if self.budget_reason and not self.reason:
+                reason = (
+                    f"{reason}; the conversations in flight were finished. Continue with "
+                    f"`simulator resume {self.batch.id}` and a larger budget (or none)."
+                )
+            return BatchStatus.STOPPED, reason
+        if waiting:
+            return BatchStatus.INTERRUPTED, "interrupted"
+        if unfinished:
+            return BatchStatus.COMPLETED_WITH_FAILURES, None
+        return BatchStatus.COMPLETED, None
+
     def _report(self, started: float, abandoned: int) -> BatchReport:
         batch, store, lease = self.batch, self.store, self.lease
+        assert lease is not None
         # conversations still running: resume continues them
         outcome = self.outcome
         outcome.interrupted += store.mark_interrupted(batch.id, lease)
-        # Threads still running may yet finish a conversation: then the store tells.
-        exact = outcome.complete and not outcome.write_failed and not abandoned
+        others = store.other_workers(lease)
+        # The run's own counts are the batch's when it started the batch, ran every
+        # conversation of it from the start, alone, and every write landed (issue 14);
+        # otherwise the store counts.
+        exact = (
+            outcome.complete
+            and not outcome.write_failed
+            and not abandoned
+            and not others
+            and outcome.ended() == batch.total
+        )
         counts = outcome.counts(batch.total) if exact else store.batch_counts(batch.id)
-        unfinished = sum(n for s, n in counts.items() if s != ConversationStatus.COMPLETED)
-        reason = self.reason
-        if self.interrupted or (self.stop.is_set() and not reason):
-            # Ctrl-C, kill, or a front end setting options.stop
-            status, reason = BatchStatus.INTERRUPTED, "interrupted"
-        elif reason:
-            status = BatchStatus.STOPPED
-        elif unfinished:
-            status = BatchStatus.COMPLETED_WITH_FAILURES
+        status, reason = self.final_status(counts)
+        note = None
+        if others:  # the last worker to leave sets the batch's status
+            note = (
+                f"This worker stopped; {display_plural(others, 'other worker')} still work on "
+                f"batch {batch.id} (`simulator watch {batch.id}`)."
+            )
+            ended = status == BatchStatus.INTERRUPTED or reason
+            shown = status if ended else BatchStatus.RUNNING
         else:
-            status = BatchStatus.COMPLETED
+            # the running time is added by the lease (heartbeats and release), not here
+            store.set_batch_status(batch.id, status, reason, lease=lease)
+            shown = status
         elapsed = time.perf_counter() - started
-        # the running time is added by the lease (heartbeats and release), not here
-        store.set_batch_status(batch.id, status, reason, lease=lease)
         report = BatchReport(
             batch_id=batch.id,
-            status=status,
+            status=shown,
             total=batch.total,
             counts=counts,
             failures=list(outcome.failures) if exact else store.batch_failures(batch.id),
@@ -611,8 +786,9 @@ class _BatchRun:
             abandoned=abandoned,
             unusable=outcome.unusable if exact else store.count_unusable(batch.id),
             totals=outcome.totals(exact),
+            note=note,
         )
-        self.notify(ProgressEvent("finished", batch.id, status=status, total=batch.total))
+        self.notify(ProgressEvent("finished", batch.id, status=shown, total=batch.total))
         return report
 
 
@@ -638,6 +814,8 @@ class _Outcome:
         """`forward` (the front end's progress callback), counting what it passes on."""
 
         def notify(event: ProgressEvent) -> None:
+            if event.kind == "conversation_started" and event.calls_done:
+                self.complete = False  # records stored before this run (another worker's)
             if event.kind == "conversation_finished" and event.status:
                 with self.lock:
                     self.finished[event.status] = self.finished.get(event.status, 0) + 1
@@ -665,6 +843,11 @@ class _Outcome:
                 self.sums.retries += usage.retries
                 self.sums.calls += usage.calls
 
+    def ended(self) -> int:
+        """Conversations this run finished or left interrupted."""
+        with self.lock:
+            return sum(self.finished.values()) + self.interrupted
+
     def counts(self, total: int) -> dict[str, int]:
         """Conversations by status once the run is over (those never started: pending)."""
         with self.lock:
@@ -681,6 +864,10 @@ class _Outcome:
             return None
         with self.lock:
             return dataclasses.replace(self.sums, failures=list(self.failures))
+
+
+def display_plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _with_manual_lock(options: RunOptions) -> RunOptions:
@@ -805,8 +992,8 @@ def _run_one(
 ) -> None:
     if options.stop.is_set():
         raise Interrupted()
-    if not store.mark_running(record.id, lease):
-        return  # another run has completed it since this one read it
+    if not lease.worker and not store.mark_running(record.id, lease):
+        return  # another run has completed it since this one read it (a claim is running)
     resuming = record.status != ConversationStatus.PENDING
     done = store.load_transcript(record.id, discard_partial=True) if resuming else None
     stored = len(done.messages) + len(done.summaries) + len(done.selector_calls) if done else 0

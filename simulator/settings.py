@@ -63,6 +63,9 @@ class Settings:
     retry_base_delay: float = 0.5  # seconds before the first retry; doubles each time
     retry_max_delay: float = 30.0  # cap on one wait; a longer Retry-After fails the call
     request_timeout: float = 120.0  # seconds one LLM request may take before it is retried
+    # A worker silent for this long (seconds) gives up its batch's conversations to others.
+    worker_timeout: float = 30.0
+    prices: str | None = None  # SIMULATOR_PRICES, for --max-cost (see simulator/pricing.py)
     # Thresholds of the `usable` verdict (simulator/quality/verdict.py): a count ("0") or a
     # share ("10%" or "0.1") of the conversation's replies or messages.
     usable_max_empty: str = "0"
@@ -285,6 +288,8 @@ _VARIABLES: dict[str, tuple[str, type]] = {
     "retry_base_delay": ("SIMULATOR_RETRY_BASE_DELAY", float),
     "retry_max_delay": ("SIMULATOR_RETRY_MAX_DELAY", float),
     "request_timeout": ("SIMULATOR_REQUEST_TIMEOUT", float),
+    "worker_timeout": ("SIMULATOR_WORKER_TIMEOUT", float),
+    "prices": ("SIMULATOR_PRICES", str),
     **{f"usable_max_{n}": (f"SIMULATOR_USABLE_MAX_{n.upper()}", str) for n in USABLE_LIMITS},
 }
 _MINIMUM = {
@@ -295,6 +300,7 @@ _MINIMUM = {
     "retry_base_delay": 0,
     "retry_max_delay": 0,
     "request_timeout": 0.001,
+    "worker_timeout": 0.1,
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import random
 import re
 import secrets
 import socket
@@ -107,6 +108,22 @@ class LeaseHolder:
 
 
 @dataclass
+class WorkerInfo:
+    """A worker of a batch, as recorded on it (see Store.worker_lease)."""
+
+    token: str
+    host: str
+    pid: int
+    user: str
+    heartbeat: datetime | None
+    started_at: datetime | None = None
+    alive: bool = False
+
+    def __str__(self) -> str:
+        return f"worker {self.token[:8]} (process {self.pid} on {self.host})"
+
+
+@dataclass
 class Lease:
     """This process's hold on a batch (see Store.batch_lease). Every conversation write
     of a run goes through `check()`: once the lease is lost or released, nothing more is
@@ -125,13 +142,43 @@ class Lease:
     tally_ok: bool = True
     writing: int = 0  # tallied writes in flight (see Store._tallying)
     writing_lock: threading.Lock = field(default_factory=threading.Lock)
+    # A worker's lease (Store.worker_lease; see "conversation claims"): the batch is held
+    # under the runner token `epoch` shared by every worker of the run, and each conversation
+    # it claimed under its own `token`.
+    epoch: str = ""
+    worker: bool = False
+    beat_at: float = field(default_factory=time.monotonic)  # its last heartbeat that landed
+    conversations: set[str] = field(default_factory=set)  # claimed and not finished
+    lost_conversations: set[str] = field(default_factory=set)  # taken over by another worker
+    skew: timedelta = field(default_factory=timedelta)  # the server's clock minus ours
+    pending: list[str] = field(default_factory=list)  # ids of pending conversations to try
+    claiming: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def owner(self) -> str:
+        """The runner token the batch is held under (and its running totals kept by)."""
+        return self.epoch or self.token
 
     @property
     def held(self) -> bool:
         return not (self.lost.is_set() or self.released.is_set())
 
-    def check(self) -> None:
-        """Raise LeaseLost unless this run still holds the batch."""
+    def check(self, conv_id: str | None = None) -> None:
+        """Raise LeaseLost unless this run still holds the batch (and, for a worker, the
+        conversation `conv_id`)."""
+        if self.worker and self.held and time.monotonic() - self.beat_at > self.seconds:
+            # Not heard of for longer than the lease: others may have taken its
+            # conversations over. Nothing is written until a heartbeat lands again.
+            raise LeaseLost(
+                f"This worker of batch {self.batch_id} was not heard from for "
+                f"{self.seconds:g} s, so it stopped writing; its conversations are left to "
+                "the workers that took them over."
+            )
+        if conv_id is not None and conv_id in self.lost_conversations:
+            raise LeaseLost(
+                f"Conversation {conv_id} was taken over by another worker (this one was not "
+                f"heard from for {self.seconds:g} s), so this worker stopped writing to it."
+            )
         if self.lost.is_set():
             who = str(self.taken_by) if self.taken_by else "another process"
             raise LeaseLost(
@@ -167,6 +214,8 @@ class BatchRecord:
     holder: LeaseHolder | None = None
     runner_alive: bool | None = None
     tally: BatchTally | None = None  # the running totals stored on the batch (see Store.progress)
+    # The workers recorded on the batch (Store.worker_lease), None for a run before workers.
+    workers: list[LeaseHolder] | None = None
 
     @property
     def stopped_unexpectedly(self) -> bool:
@@ -693,7 +742,10 @@ class Store:
         me = {"host": socket.gethostname(), "pid": -1}
         for b in held:
             assert b.holder is not None
-            b.runner_alive = not _lease_free(b.holder, me, server_now)
+            if b.workers and b.holder.token:  # a run of workers: any of them
+                b.runner_alive = any(not _lease_free(w, me, server_now) for w in b.workers)
+            else:
+                b.runner_alive = not _lease_free(b.holder, me, server_now)
 
     def batch_liveness(self, ref: str) -> bool | None:
         """Whether a live runner holds the batch now (None: no runner recorded)."""
@@ -786,7 +838,7 @@ class Store:
                 except PyMongoError:
                     pass  # unreleased, it expires; a dead pid on this host frees it at once
 
-    def _claim(self, lease: Lease) -> None:
+    def _claim(self, lease: Lease, *, free: bool = False) -> None:
         """Take the batch if its lease is free: a compare-and-swap on the runner read,
         judged by the server's clock."""
         rows = list(
@@ -803,7 +855,8 @@ class Store:
         server_now = _utc(rows[0]["now"])
         me = {"host": lease.host, "pid": lease.pid}
         holder = _holder(held)
-        if holder is not None and not _lease_free(holder, me, server_now):
+        # `free`: the caller judged the run gone by its workers (Store.worker_lease)
+        if holder is not None and not free and not _lease_free(holder, me, server_now):
             raise _busy(lease.batch_id, holder)
         runner = {
             "host": lease.host,
@@ -854,7 +907,7 @@ class Store:
         query: dict[str, Any] = {"_id": batch_id}
         if lease is not None:
             lease.check()
-            query["runner.token"] = lease.token
+            query["runner.token"] = lease.owner
         return self._batches.update_one(query, update).matched_count == 1
 
     def prepare_conversations(
@@ -1085,13 +1138,427 @@ class Store:
         changes = {f"tally.{k}": v for k, v in inc.items() if v}
         if changes:
             self._batches.update_one(
-                {"_id": lease.batch_id, "tally.owner": lease.token}, {"$inc": changes}
+                {"_id": lease.batch_id, "tally.owner": lease.owner}, {"$inc": changes}
             )
 
     def _tally_stale(self, batch_id: str) -> None:
         self._batches.update_one(
             {"_id": batch_id, "tally": {"$exists": True}}, {"$unset": {"tally": ""}}
         )
+
+    # === conversation claims (issue 13: many workers, one batch) ============================
+    # Any number of worker processes, on any machines, run one batch together. Each joins
+    # the batch (`worker_lease`): the batch's `runner` holds the run's token (the epoch, the
+    # owner of the running totals), `workers.<token>` each worker's host, pid and heartbeat.
+    # A worker claims one conversation at a time (`claim_conversation`, a find_one_and_update
+    # that stamps `claim`: its token, host, pid, epoch and a server-time heartbeat); its
+    # heartbeat refreshes the claims it holds. A conversation is claimable when pending or
+    # interrupted, failed in an earlier run, or running under a worker that is gone: a claim
+    # from an earlier run, a claim whose heartbeat is older than the lease's seconds, or one
+    # of a worker known dead (its pid gone on this host). A worker that loses a claim writes
+    # nothing more to that conversation (fencing: `Lease.check(conv_id)`, `_fence`).
+
+    @contextmanager
+    def worker_lease(
+        self,
+        batch_id: str,
+        *,
+        seconds: float = LEASE_SECONDS,
+        join: bool = True,
+        on_lost: Callable[[], None] | None = None,
+        on_last: Callable[[], tuple[BatchStatus, str | None] | None] | None = None,
+    ) -> Iterator[Lease]:
+        """Work on a batch as one of its workers. `join`: work alongside live workers
+        (else a live run of the batch refuses, as `resume` always did). `on_last`: the
+        status to set when this worker leaves last and the batch is still `running`."""
+        lease = Lease(
+            batch_id=batch_id,
+            token=new_id(),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            seconds=seconds,
+            worker=True,
+        )
+        self._join(lease, join=join)
+        self._leases[batch_id] = lease
+        stop = threading.Event()
+        counted = [time.monotonic()]
+
+        def beat() -> None:
+            while not stop.wait(min(seconds / 3, BEAT_SECONDS)):
+                t = time.monotonic()
+                try:
+                    held = self._beat(lease, t - counted[0])
+                except PyMongoError:
+                    continue  # the batch's own writes report a lost database
+                counted[0] = t
+                if not held:
+                    lease._lose(self._batches.find_one({"_id": batch_id}, {"runner": 1}))
+                    if on_lost is not None:
+                        on_lost()
+                    return
+
+        heart = threading.Thread(target=beat, name="worker-lease", daemon=True)
+        heart.start()
+        try:
+            yield lease
+        finally:
+            stop.set()
+            lease.released.set()
+            heart.join(5)
+            self._leases.pop(batch_id, None)
+            with lease.writing_lock:
+                if lease.writing:
+                    lease.tally_ok = False
+            try:
+                self._leave(lease, time.monotonic() - counted[0], on_last)
+            except PyMongoError:
+                pass  # unreleased, its heartbeat goes stale and others take over
+
+    def _join(self, lease: Lease, *, join: bool) -> None:
+        for _ in range(20):
+            rows = list(
+                self._batches.aggregate(
+                    [
+                        {"$match": {"_id": lease.batch_id}},
+                        {"$project": {"runner": 1, "workers": 1, "now": "$$NOW"}},
+                    ]
+                )
+            )
+            if not rows:
+                raise NotFoundError(f"Batch {lease.batch_id} does not exist any more.")
+            doc = rows[0]
+            server_now = _utc(doc["now"])
+            lease.skew = server_now - datetime.now(timezone.utc)
+            me = {"host": lease.host, "pid": lease.pid}
+            holder = _holder(doc.get("runner"))
+            live = _live_workers(doc.get("workers"), me, server_now)
+            if holder is not None and holder.token and doc.get("workers"):
+                alive = bool(live)  # a run of workers: alive while one of them is
+            else:
+                alive = holder is not None and not _lease_free(holder, me, server_now)
+            if alive:
+                assert holder is not None
+                if not join or not live or not holder.token:
+                    raise _busy(lease.batch_id, live[0] if live else holder)
+                set_ = {f"workers.{lease.token}.{k}": v for k, v in self._worker_doc(lease).items()}
+                set_[f"workers.{lease.token}.heartbeat"] = server_now
+                joined = self._batches.update_one(
+                    {"_id": lease.batch_id, "runner.token": holder.token}, {"$set": set_}
+                )
+                if joined.matched_count:
+                    lease.epoch = holder.token
+                    return
+                continue  # the run ended in between: start one
+            try:
+                self._claim(lease, free=True)
+            except UserError:
+                if join:
+                    continue  # another worker started the run in between: join it
+                raise
+            lease.epoch = lease.token
+            worker = {**self._worker_doc(lease), "heartbeat": server_now}
+            self._batches.update_one(
+                {"_id": lease.batch_id, "runner.token": lease.token},
+                {"$set": {"workers": {lease.token: worker}}},
+            )
+            return
+        raise _busy(lease.batch_id, None)
+
+    def _worker_doc(self, lease: Lease) -> dict[str, Any]:
+        return {
+            "host": lease.host,
+            "pid": lease.pid,
+            "user": self.user,
+            "seconds": lease.seconds,
+            "started_at": now(),
+        }
+
+    def _beat(self, lease: Lease, elapsed: float) -> bool:
+        """One heartbeat: the batch's and this worker's, then its claims'. False when the
+        run was taken over or this worker was given up for dead (it then writes nothing)."""
+        sent = time.monotonic()
+        update: dict[str, Any] = {
+            "$currentDate": {"runner.heartbeat": True, f"workers.{lease.token}.heartbeat": True}
+        }
+        if lease.token == lease.owner:  # the run's time is counted by the worker that began it
+            update["$inc"] = {"elapsed": elapsed}
+        mine = {
+            "_id": lease.batch_id,
+            "runner.token": lease.owner,
+            f"workers.{lease.token}": {"$exists": True},
+        }
+        if self._batches.update_one(mine, update).matched_count == 0:
+            return False
+        held = set(lease.conversations)
+        if held:
+            claims = {"_id": {"$in": sorted(held)}, "claim.token": lease.token}
+            beat = self._conversations.update_many(
+                claims, {"$currentDate": {"claim.heartbeat": True}}
+            )
+            if beat.matched_count < len(held):
+                still = {d["_id"] for d in self._conversations.find(claims, {"_id": 1})}
+                lease.lost_conversations |= held - still
+                lease.conversations -= held - still
+        lease.beat_at = sent
+        return True
+
+    def claim_conversation(
+        self, lease: Lease, *, dead: Iterable[str] = ()
+    ) -> ConversationRecord | None:
+        """Claim a conversation of the batch that needs work, or None when none does.
+
+        Pending ones first, from a page of their ids (in grid order, shuffled so that
+        workers rarely reach for the same one), each taken by its id if still pending;
+        then those left by a worker that is gone, or failed in an earlier run.
+        """
+        lease.check()
+        waiting = [ConversationStatus.PENDING.value, ConversationStatus.INTERRUPTED.value]
+        while True:
+            with lease.claiming:
+                if not lease.pending:
+                    page = self._conversations.find(
+                        {"batch_id": lease.batch_id, "status": {"$in": waiting}}, {"_id": 1}
+                    )
+                    lease.pending = [d["_id"] for d in page.sort("index", 1).limit(64)]
+                    random.shuffle(lease.pending)
+                    if not lease.pending:
+                        break
+                conv_id = lease.pending.pop()
+            record = self._take(lease, {"_id": conv_id, "status": {"$in": waiting}})
+            if record is not None:
+                return record
+        epoch = lease.owner
+        running = ConversationStatus.RUNNING.value
+        stale = datetime.now(timezone.utc) + lease.skew - timedelta(seconds=lease.seconds)
+        ways: list[dict[str, Any]] = [
+            {"status": {"$in": waiting}},
+            {"status": ConversationStatus.FAILED.value, "claim.epoch": {"$ne": epoch}},
+            {"status": running, "claim.epoch": {"$ne": epoch}},
+            {"status": running, "claim.heartbeat": {"$lt": stale}},
+        ]
+        if dead:
+            ways.append({"status": running, "claim.token": {"$in": sorted(dead)}})
+        return self._take(lease, {"batch_id": lease.batch_id, "$or": ways}, sort=True)
+
+    def _take(
+        self, lease: Lease, query: dict[str, Any], *, sort: bool = False
+    ) -> ConversationRecord | None:
+        epoch = lease.owner
+        running = ConversationStatus.RUNNING.value
+        claim = {
+            "token": lease.token,
+            "epoch": epoch,
+            "host": lease.host,
+            "pid": lease.pid,
+            "user": self.user,
+        }
+        update = {
+            "$set": {
+                "status": running,
+                "error": None,
+                "started_at": now(),
+                "lease": lease.token,
+                **{f"claim.{k}": v for k, v in claim.items()},
+            },
+            "$currentDate": {"claim.heartbeat": True},
+        }
+        with self._tallying(lease.batch_id, lease) as held:
+            before = self._conversations.find_one_and_update(
+                query, update, sort=[("index", 1)] if sort else None
+            )
+            if before is not None and held is not None:
+                self._tally_add(held, _moved(before.get("status"), running))
+        if before is None:
+            return None
+        lease.conversations.add(before["_id"])
+        lease.lost_conversations.discard(before["_id"])  # claimed again
+        if before.get("status") == running and (before.get("claim") or {}).get("epoch") == epoch:
+            # taken from a worker of this run that stopped answering: it may have died
+            # between a write and its count
+            self._tally_stale(lease.batch_id)
+        return _conversation(before)
+
+    def release_claim(self, lease: Lease, conv_id: str) -> None:
+        """This worker is done with the conversation (its status says how it ended)."""
+        lease.conversations.discard(conv_id)
+
+    def _fence(
+        self, conv_ids: list[str], lease: Lease, outcome: list[BaseException | None]
+    ) -> set[int]:
+        """Positions of records whose conversation this worker no longer holds: refused.
+
+        No read of the database: a claim can only be taken over once its heartbeat is
+        older than the lease's seconds, and a worker whose own last heartbeat is that old
+        writes nothing (Lease.check); a claim found taken by a heartbeat is in
+        `lost_conversations`."""
+        refused = set()
+        for i, conv_id in enumerate(conv_ids):
+            try:
+                lease.check(conv_id)
+            except LeaseLost as e:
+                refused.add(i)
+                outcome[i] = e
+        return refused
+
+    def reap_workers(self, lease: Lease) -> set[str]:
+        """Tokens of the batch's workers that are gone (dead pid on this host, or silent for
+        longer than their lease), removed from the batch; the totals, which one of them
+        may have left between a write and its count, are recounted."""
+        rows = list(
+            self._batches.aggregate(
+                [
+                    {"$match": {"_id": lease.batch_id}},
+                    {"$project": {"workers": 1, "now": "$$NOW"}},
+                ]
+            )
+        )
+        if not rows:
+            return set()
+        server_now = _utc(rows[0]["now"])
+        me = {"host": lease.host, "pid": lease.pid}
+        dead = set()
+        for token, w in (rows[0].get("workers") or {}).items():
+            holder = _holder(w)
+            if token != lease.token and holder is not None and _lease_free(holder, me, server_now):
+                dead.add(token)
+        if dead:
+            self._batches.update_one(
+                {"_id": lease.batch_id, "runner.token": lease.owner},
+                {"$unset": {f"workers.{t}": "" for t in dead}},
+            )
+            self._tally_stale(lease.batch_id)
+        return dead
+
+    def claimed_by_others(self, lease: Lease) -> int:
+        """Conversations of the batch running under another worker's claim."""
+        return self._conversations.count_documents(
+            {
+                "batch_id": lease.batch_id,
+                "status": ConversationStatus.RUNNING.value,
+                "claim.token": {"$ne": lease.token},
+            }
+        )
+
+    def other_workers(self, lease: Lease) -> int:
+        """Live workers of the batch other than this one."""
+        self.reap_workers(lease)
+        doc = self._batches.find_one({"_id": lease.batch_id}, {"workers": 1}) or {}
+        return len([t for t in (doc.get("workers") or {}) if t != lease.token])
+
+    def _leave(
+        self,
+        lease: Lease,
+        elapsed: float,
+        on_last: Callable[[], tuple[BatchStatus, str | None] | None] | None,
+    ) -> None:
+        dead = self.reap_workers(lease)
+        update: dict[str, Any] = {"$unset": {f"workers.{lease.token}": ""}}
+        if lease.token == lease.owner:
+            update["$inc"] = {"elapsed": elapsed}
+        doc = self._batches.find_one_and_update(
+            {"_id": lease.batch_id, "runner.token": lease.owner},
+            update,
+            {"workers": 1, "status": 1},
+            return_document=pymongo.ReturnDocument.AFTER,
+        )
+        if doc is None:
+            return  # the run was taken over: nothing of it is this worker's to end
+        if not lease.tally_ok or dead:
+            self._tally_stale(lease.batch_id)
+        if doc.get("workers"):
+            return  # others still work on it: the last one ends the run
+        mine = {"_id": lease.batch_id, "runner.token": lease.owner, "workers": {}}
+        if doc.get("status") == BatchStatus.RUNNING.value and on_last is not None:
+            final = on_last()
+            if final is not None:
+                status, reason = final
+                changes: dict[str, Any] = {"status": status.value, "error": reason}
+                if status.finished:
+                    changes["finished_at"] = now()
+                self._batches.update_one(
+                    {**mine, "status": BatchStatus.RUNNING.value}, {"$set": changes}
+                )
+        release: dict[str, Any] = {"$unset": {"runner": ""}}
+        done = (
+            lease.tally_ok
+            and self._batches.update_one(
+                {**mine, "tally.owner": lease.owner},
+                {**release, "$set": {"tally.owner": TALLY_RELEASED}},
+            ).matched_count
+        )
+        if not done:
+            self._batches.update_one(mine, release)
+
+    def batch_workers(self, batch: BatchRecord) -> list[WorkerInfo]:
+        """The workers recorded on a batch, each with whether it is alive now."""
+        doc = self._batches.find_one({"_id": batch.id}, {"workers": 1}) or {}
+        workers = doc.get("workers") or {}
+        if not workers:
+            return []
+        server_now = self.server_time()
+        me = {"host": socket.gethostname(), "pid": -1}
+        out = []
+        for token, w in workers.items():
+            holder = _holder(w)
+            assert holder is not None
+            out.append(
+                WorkerInfo(
+                    token=token,
+                    host=holder.host,
+                    pid=holder.pid,
+                    user=str(w.get("user") or ""),
+                    heartbeat=holder.heartbeat,
+                    started_at=w.get("started_at"),
+                    alive=not _lease_free(holder, me, server_now),
+                )
+            )
+        return out
+
+    def batch_tokens(self, batch_id: str) -> int:
+        """Prompt and completion tokens the batch has used (for --max-tokens): from its
+        running totals when kept, else counted."""
+        doc = self._batches.find_one({"_id": batch_id}, {"tally": 1}) or {}
+        tally = _tally(doc.get("tally"))
+        totals = tally.totals if tally is not None else self.batch_totals(batch_id)
+        return totals.prompt_tokens + totals.completion_tokens
+
+    def batch_usage_by_model(
+        self, batch_id: str, exp: Experiment
+    ) -> list[tuple[str, str, int, int]]:
+        """(kind, model label, prompt tokens, completion tokens) of the batch's stored
+        records, by the model that made them (for --max-cost)."""
+        labels = {
+            d["_id"]: (d.get("llm") or {}).get("label", "")
+            for d in self._conversations.find({"batch_id": batch_id}, {"llm.label": 1})
+        }
+        summarizer = exp.summarizer.llm.label if exp.summarizer.llm else None
+        selector = exp.selector_llm.label if exp.selector_llm else None
+        out: dict[tuple[str, str], list[int]] = {}
+        for kind, coll, fixed in (
+            ("message", self._messages, None),
+            ("summary", self._summaries, summarizer),
+            ("selector", self._selector_calls, selector),
+        ):
+            for row in coll.aggregate(
+                [
+                    {"$match": {"batch_id": batch_id}},
+                    {
+                        "$group": {
+                            "_id": "$conversation_id",
+                            "p": {"$sum": "$usage.prompt_tokens"},
+                            "c": {"$sum": "$usage.completion_tokens"},
+                        }
+                    },
+                ]
+            ):
+                label = fixed or labels.get(row["_id"], "")
+                sums = out.setdefault((kind, label), [0, 0])
+                sums[0] += int(row["p"] or 0)
+                sums[1] += int(row["c"] or 0)
+        return [(k, label, p, c) for (k, label), (p, c) in out.items()]
+
+    # === end of conversation claims =========================================================
 
     # --- conversations --------------------------------------------------------------------
 
@@ -1308,7 +1775,7 @@ class Store:
             "started_at": now(),
         }
         if lease is not None:
-            lease.check()
+            lease.check(conv_id)
             query["status"] = {"$in": [s.value for s in UNFINISHED]}
             changes["lease"] = lease.token
         with self._tallying(self._batch_of(conv_id, lease), lease) as held:
@@ -1350,7 +1817,7 @@ class Store:
             update["$inc"] = {"failed_call_retries": failed_call_retries}
         query: dict[str, Any] = {"_id": conv_id}
         if lease is not None:
-            lease.check()
+            lease.check(conv_id)
             query.update(status=ConversationStatus.RUNNING.value, lease=lease.token)
         with self._tallying(self._batch_of(conv_id, lease), lease) as held:
             before = self._conversations.find_one_and_update(query, update, {"status": 1})
@@ -1435,9 +1902,14 @@ class Store:
         if lease is not None:
             lease.check()
         outcome: list[BaseException | None] = [None] * len(records)
+        refused: set[int] = set()
+        if lease is not None and lease.worker:  # fencing: only conversations still claimed
+            refused = self._fence([r[0] for r in records], lease, outcome)
         built = [self._record(c, event, attempt, b) for c, event, attempt, b in records]
         groups: dict[tuple[str | None, str], list[int]] = {}
         for i, (collection, doc, *_rest) in enumerate(built):
+            if i in refused:
+                continue
             groups.setdefault((doc["batch_id"], collection.name), []).append(i)
         for (batch_id, _name), positions in groups.items():
             with self._tallying(batch_id, lease) as held:
@@ -1986,6 +2458,16 @@ def _lease_free(held: LeaseHolder, me: dict[str, Any], server_now: datetime) -> 
     return server_now - held.heartbeat > timedelta(seconds=held.seconds)
 
 
+def _live_workers(workers: Any, me: dict[str, Any], server_now: datetime) -> list[LeaseHolder]:
+    """The workers recorded on a batch that are alive, judged by the server's clock."""
+    live = []
+    for w in (workers or {}).values() if isinstance(workers, dict) else ():
+        holder = _holder(w)
+        if holder is not None and not _lease_free(holder, me, server_now):
+            live.append(holder)
+    return live
+
+
 def _busy(batch_id: str, held: LeaseHolder | None) -> UserError:
     who = str(held) if held else "another process"
     return UserError(
@@ -2203,7 +2685,13 @@ def _batch(doc: dict) -> BatchRecord:
         elapsed=float(doc.get("elapsed") or 0.0),
         holder=_holder(doc.get("runner")),
         tally=_tally(doc.get("tally")),
+        workers=_workers(doc.get("workers")) if "workers" in doc else None,
     )
+
+
+def _workers(doc: Any) -> list[LeaseHolder]:
+    held = (_holder(w) for w in (doc.values() if isinstance(doc, dict) else ()))
+    return [h for h in held if h is not None]
 
 
 def _conversation(doc: dict) -> ConversationRecord:

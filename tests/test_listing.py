@@ -59,7 +59,7 @@ def test_status_all_names_and_plurals(cli_for, db):  # noqa: F811 (fixtures)
     exp = alice.insert_experiment(load_experiment(PRISON))
     mine = run_batch(db, "alice", exp.id, repetitions=1)
     bobs = run_batch(db, "bob", exp.id, repetitions=2)
-    own = cli_for("alice", "status")
+    own = cli_for("alice", "status", "--mine")
     assert own.exit_code == 0, own.output
     assert mine in own.output and bobs not in own.output
     assert "prison" in own.output and exp.id[:8] in own.output

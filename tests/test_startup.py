@@ -241,7 +241,12 @@ def test_closing_summary_makes_no_queries(watched, tmp_path: Path) -> None:
         report = start_batch(store, exp, grid, options)
     after = commands.seen[max(finished) :]
     queries = [(n, c) for n, c in after if n in ("find", "aggregate", "count", "getMore")]
-    assert queries == []
+    # What is left after the last conversation is the workers' coordination (is another
+    # worker still on the batch, is a claim left over: a few queries whatever the batch's
+    # size), never the summary's counting: no record is read and no conversation counted.
+    assert not [q for q in queries if q[1] in ("messages", "summaries", "selector_calls")]
+    assert not [q for q in queries if q[0] == "count"], queries
+    assert report.totals is not None  # the runner's own counts, not the store's
 
     # ... and they are the figures the store counts.
     assert report.counts.get("failed", 0) > 0 and report.counts.get("completed", 0) > 0

@@ -1,0 +1,196 @@
+"""Issue 13, item 1 (many workers, one batch) and item 3's budget: real `simulator run` /
+`simulator work` processes sharing one SecantusDB and one local LLM server that counts
+every call; conversations are claimed one at a time, a dead worker's conversation is
+continued by another, a worker whose claim was taken over writes nothing more, and
+`--max-tokens` stops scheduling."""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+from typer.testing import CliRunner
+
+from simulator.cli import app
+from simulator.store import Store
+from tests.scenarios import PRISON_ONE
+from tests.servers import FakeLLMServer, write_experiment
+from tests.test_kill_resume import (
+    GRID,
+    Cli,
+    check_batch,
+    deterministic_reply,
+    transcripts,
+    wait_until,
+)
+
+
+def llm_yaml(tmp_path, server: FakeLLMServer) -> str:
+    return write_experiment(
+        tmp_path / "workers.yaml",
+        f"{{model: m1, provider: ollama, base_url: '{server.url}'}}",
+        "workers",
+    )
+
+
+def reference(env: dict[str, str], yaml: str, db, server: FakeLLMServer) -> tuple[Any, int]:
+    """The grid run uninterrupted by one process (as bob): its transcripts and LLM calls."""
+    calls = server.calls
+    result = CliRunner().invoke(
+        app, ["run", yaml, *GRID, "--plain"], env={**env, "SIMULATOR_USER": "bob"}
+    )
+    assert result.exit_code == 0, result.output
+    bob = Store(db, "bob")
+    (batch,) = bob.list_batches(creator="bob")
+    return transcripts(bob, batch.id), server.calls - calls
+
+
+def claimed_by(db, batch_id: str, pid: int, status: str = "running") -> list[str]:
+    return [
+        d["_id"]
+        for d in db.conversations.find({"batch_id": batch_id, "status": status, "claim.pid": pid})
+    ]
+
+
+def messages_of(db, conv_ids: list[str]) -> int:
+    return db.messages.count_documents({"conversation_id": {"$in": conv_ids}})
+
+
+def test_three_workers_share_a_batch_and_a_killed_ones_conversation_is_continued(
+    settings, env_for, db, tmp_path
+):
+    server = FakeLLMServer(models={"m1:latest"}, reply=deterministic_reply, latency=0.3)
+    with server:
+        yaml = llm_yaml(tmp_path, server)
+        env = env_for(settings)
+        expected, reference_calls = reference(env, yaml, db, server)
+        cli = Cli(tmp_path, env)
+        calls = server.calls
+        first = cli.start("run", yaml, *GRID, "--concurrency", "1", "--plain")
+        wait_until(
+            lambda: db.batches.find_one({"creator": "alice", "prepared": True}) is not None,
+            first,
+            "the batch",
+        )
+        batch_id = db.batches.find_one({"creator": "alice"})["_id"]
+        second, victim = (
+            cli.start("work", batch_id, "--concurrency", "1", "--plain") for _ in "ab"
+        )
+        # the victim is killed in the middle of a conversation it runs
+        wait_until(
+            lambda: messages_of(db, claimed_by(db, batch_id, victim.pid)) >= 2,
+            victim,
+            "the third worker's messages",
+        )
+        victim.kill()
+        victim.wait()
+        left = claimed_by(db, batch_id, victim.pid)
+        assert len(left) == 1 and 0 < messages_of(db, left) < 6  # killed mid-conversation
+        for proc in (first, second):
+            proc.wait(timeout=120)
+            out, err = Cli.output(proc)
+            assert proc.returncode == 0, out + err
+        Cli.output(victim)
+        store = Store(db, "alice")
+        store.batch_progress(store.get_batch(batch_id))  # as `status` would: recounted
+        # complete, no duplicate, equal to the uninterrupted run, totals exact
+        check_batch(db, store, batch_id, expected)
+        # every conversation was run once: the calls the uninterrupted run made, plus at
+        # most the killed worker's call in flight and the one whose record it was writing
+        assert reference_calls <= server.calls - calls <= reference_calls + 2
+        # each worker did some; the killed one's conversation was finished by another
+        finished_by = {d["claim"]["pid"] for d in db.conversations.find({"batch_id": batch_id})}
+        assert {first.pid, second.pid} <= finished_by and victim.pid not in finished_by
+        (taken,) = left
+        assert db.conversations.find_one({"_id": taken})["claim"]["pid"] in (first.pid, second.pid)
+        assert "workers" in db.batches.find_one({"_id": batch_id})
+        assert db.batches.find_one({"_id": batch_id}).get("runner") is None  # released
+
+
+def test_a_worker_whose_claim_was_taken_over_writes_nothing_more(settings, env_for, db, tmp_path):
+    server = FakeLLMServer(models={"m1:latest"}, reply=deterministic_reply, latency=0.2)
+    with server:
+        yaml = llm_yaml(tmp_path, server)
+        env = {**env_for(settings), "SIMULATOR_WORKER_TIMEOUT": "1.5"}
+        one = ["--messages", "6", "--days", "2", "--agents", "guard=1,prisoner=2"]
+        cli = Cli(tmp_path, env)
+        worker = cli.start("run", yaml, *one, "--concurrency", "1", "--plain")
+        wait_until(lambda: db.messages.count_documents({}) >= 2, worker, "two messages")
+        batch_id = db.batches.find_one({"creator": "alice"})["_id"]
+        (conv_id,) = claimed_by(db, batch_id, worker.pid)
+        store = Store(db, "alice")
+        # Another worker of the same run (this test) while the first is alive ...
+        with store.worker_lease(batch_id, seconds=1.5, join=True) as lease:
+            worker.send_signal(signal.SIGSTOP)  # ... the first stalls: no heartbeat
+            try:
+                deadline = time.monotonic() + 10
+                record = None
+                while record is None and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    record = store.claim_conversation(lease)  # free once its claim is stale
+                assert record is not None and record.id == conv_id
+                before = {c: db[c].count_documents({}) for c in ("messages", "summaries")}
+                calls = server.calls
+            finally:
+                worker.send_signal(signal.SIGCONT)
+            # The stalled worker wakes with a call answered (or about to be): it must not
+            # store it, nor anything else, while another worker holds the conversation.
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                after = {c: db[c].count_documents({}) for c in ("messages", "summaries")}
+                assert after == before, "the fenced worker wrote to a conversation it lost"
+                time.sleep(0.05)
+            assert db.conversations.find_one({"_id": conv_id})["claim"]["token"] == lease.token
+            del calls
+        # This worker goes away without finishing it: the first continues it, after its
+        # last stored message, once this claim is stale.
+        worker.wait(timeout=60)
+        out, err = Cli.output(worker)
+        assert worker.returncode == 0, out + err
+        doc = db.conversations.find_one({"_id": conv_id})
+        assert doc["status"] == "completed" and doc["claim"]["pid"] == worker.pid
+        assert db.messages.count_documents({"conversation_id": conv_id}) == 6
+        logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
+        assert "taken over" in logs  # it did try, and was refused
+
+
+def test_max_tokens_stops_scheduling_and_resume_finishes(settings, env_for, db):
+    env = env_for(settings)
+    cli = CliRunner()
+    grid = ["--llm", "scripted", "--messages", "4", "--days", "1", "--repetitions", "6"]
+    result = cli.invoke(
+        app, ["run", str(PRISON_ONE), *grid, "--concurrency", "1", "--max-tokens", "1", "--plain"],
+        env=env,
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "--max-tokens 1 reached" in result.output
+    store = Store(db, "alice")
+    (batch,) = store.list_batches()
+    counts = store.batch_counts(batch.id)
+    # the conversation in flight finished; no other was started
+    assert counts == {"completed": 1, "pending": 5}, counts
+    assert batch.status == "stopped"
+    assert db.messages.count_documents({"batch_id": batch.id}) == 4
+    result = cli.invoke(app, ["resume", batch.id, "--plain"], env=env)
+    assert result.exit_code == 0, result.output
+    assert store.batch_counts(batch.id) == {"completed": 6}
+    assert db.messages.count_documents({"batch_id": batch.id}) == 6 * 4  # none redone
+
+
+def test_max_cost_needs_a_price_for_every_model(settings, env_for, db):
+    env = env_for(settings)
+    args = ["run", str(PRISON_ONE), "--llm", "scripted", "--messages", "2", "--days", "1"]
+    result = CliRunner().invoke(app, [*args, "--max-cost", "0.01", "--plain"], env=env)
+    assert result.exit_code == 1 and "SIMULATOR_PRICES" in result.output
+    assert db.batches.count_documents({}) == 0  # refused before anything was stored
+    priced = {**env, "SIMULATOR_PRICES": "scripted=1000000/1000000"}  # 1 per token
+    result = CliRunner().invoke(
+        app, [*args, "--repetitions", "3", "--concurrency", "1", "--max-cost", "1", "--plain"],
+        env=priced,
+    )  # fmt: skip
+    assert result.exit_code == 1 and "--max-cost 1 reached" in result.output, result.output
+    assert Store(db, "alice").batch_counts(db.batches.find_one()["_id"]) == {
+        "completed": 1,
+        "pending": 2,
+    }
