@@ -65,6 +65,7 @@ def score_command(
     ),
 ) -> None:
     """Score stored conversations; only items without a score are scored (resume = rerun)."""
+    friendly(check_concurrency)(concurrency)  # before connecting or resolving REF
     friendly(score_ref)(ref, scorer, where or [], scorers_file, concurrency, max_failures)
 
 
@@ -81,6 +82,14 @@ def score_ref(
     store = open_store()
     exp, records = select_conversations(store, ref, parse_where(where))
     run_scorers(store, exp, records, names, scorers_file, concurrency, max_failures)
+
+
+def check_concurrency(concurrency: int | None) -> None:
+    if concurrency is not None and concurrency < 1:
+        raise UserError(
+            f"--concurrency must be at least 1 (got {concurrency}): it is how many requests "
+            "are in flight per endpoint; leave it out to use SIMULATOR_CONCURRENCY."
+        )
 
 
 def run_scorers(
@@ -100,8 +109,7 @@ def run_scorers(
     from simulator.scoring.run import ScoreOptions, ScoreProgress, ScoringRun, plan, scorers_for
     from simulator.settings import load_settings
 
-    if concurrency is not None and concurrency < 1:
-        raise UserError(f"--concurrency must be at least 1 (got {concurrency}).")
+    check_concurrency(concurrency)
     extra = load_scorers_file(scorers_file) if scorers_file else []
     scorers = choose(scorers_for(exp, extra), names)
     if not scorers:

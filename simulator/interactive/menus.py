@@ -401,11 +401,16 @@ class Menus:
     def view(self, rec: ConversationRecord, exp: Experiment) -> None:
         t = self.store.load_transcript(rec.id)
         roles = [r.name for r in exp.roles]
+        scores = self.store.list_scores(conversation_id=rec.id)
         if self.console.is_terminal:
             with _less_keeps_colours(), self.console.pager(styles=True):
-                display.render_transcript(self.console, rec, t.messages, t.summaries, roles)
+                display.render_transcript(
+                    self.console, rec, t.messages, t.summaries, roles, scores=scores
+                )
         else:
-            display.render_transcript(self.console, rec, t.messages, t.summaries, roles)
+            display.render_transcript(
+                self.console, rec, t.messages, t.summaries, roles, scores=scores
+            )
 
     def delete_conversation(self, rec: ConversationRecord) -> bool:
         if not self.q.confirm(
