@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from simulator import display
 from simulator.errors import UserError
 from simulator.frontend import err, friendly, open_store, out, use_help_command
 from simulator.store import ConversationRecord, Store, parse_where, plural
@@ -141,24 +142,11 @@ def run_scorers(
         )
         items, already = plan(store, exp, records, scorers)
         report = ScoringRun(store, exp, scorers, options).run(items, already)
-    out.print(
-        f"Scored {plural(report.scored, 'item')} with {', '.join(s.name for s in scorers)} "
-        f"({report.already:,} already scored, {report.invalid:,} invalid answers, "
-        f"{report.failed:,} failed, {plural(report.calls, 'call')})."
-    )
-    for item, error in report.errors[:20]:
-        err.print(f"  {item}: {error}", markup=False)
-    if len(report.errors) > 20:
-        err.print(f"  ... and {len(report.errors) - 20} more (see the log file)")
-    missing = report.items - report.scored - report.invalid
-    if report.reason or report.interrupted or missing:
-        why = report.reason or ("interrupted" if report.interrupted else "some items failed")
-        err.print(
-            f"Not finished ({why}): {missing:,} items still have no score. Run the same "
-            f"`simulator score` command again to score only those."
-        )
-        if report.reason or report.interrupted:
-            raise typer.Exit(1)
+    again = "Run the same `simulator score` command again"
+    for line, problem in display.score_report_lines(report, [s.name for s in scorers], again):
+        (err if problem else out).print(line, markup=False)
+    if report.reason or report.interrupted:
+        raise typer.Exit(1)
 
 
 def annotate_export_command(

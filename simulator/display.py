@@ -180,6 +180,33 @@ def message_scores_text(scores: Sequence[Score]) -> Text:
     return Text(f"  scores: {items}", style="dim cyan")
 
 
+def score_report_lines(
+    report: Any, names: Sequence[str], again: str = "Score again"
+) -> list[tuple[str, bool]]:
+    """What a scoring run did (`simulator score` and the menus): (line, is a problem)."""
+    lines = [
+        (
+            f"Scored {plural(report.scored, 'item')} with {', '.join(names)} "
+            f"({report.already:,} already scored, {report.invalid:,} invalid answers, "
+            f"{report.failed:,} failed, {plural(report.calls, 'call')}).",
+            False,
+        )
+    ]
+    lines += [(f"  {item}: {error}", True) for item, error in report.errors[:20]]
+    if len(report.errors) > 20:
+        lines.append((f"  ... and {len(report.errors) - 20} more (see the log file)", True))
+    if report.reason or report.interrupted or report.missing:
+        why = report.reason or ("interrupted" if report.interrupted else "some items failed")
+        lines.append(
+            (
+                f"Not finished ({why}): {report.missing:,} items still have no score. "
+                f"{again} to score only those.",
+                True,
+            )
+        )
+    return lines
+
+
 def flags_text(flags: Sequence[str], finish_reason: str | None = None) -> Text:
     """` [truncated, repeated]` after a message (nothing when it has no flags)."""
     if not flags:

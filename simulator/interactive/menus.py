@@ -26,6 +26,7 @@ from simulator.errors import NotFoundError, PermissionDenied, UserError
 from simulator.experiment import Experiment
 from simulator.interactive.questions import Cancelled, Choice, Questions, Separator, comma_list
 from simulator.interactive.run import run_conversations
+from simulator.interactive.scoring import ScoresMenu
 from simulator.interactive.wizard import create_experiment, duplicate_and_update, write_yaml
 from simulator.store import (
     ConversationRecord,
@@ -237,6 +238,7 @@ class Menus:
                         user,
                         _others_work(conversations, user),
                     ),
+                    Choice("Scores and annotation", "scores"),  # just above Back (issue 11)
                     Choice("Back", _BACK),
                 ],
             )
@@ -258,8 +260,28 @@ class Menus:
                 self.guarded(self.export, exp)
             elif choice == "browse":
                 self.browse(exp)
+            elif choice == "scores":
+                self.scores(exp)
             elif choice == "delete" and self.guarded(self.delete, exp, len(conversations)):
                 return
+
+    def scores(self, exp: Experiment) -> None:
+        """Score, export or import an annotation sheet, see agreement (interactive/scoring)."""
+        actions = ScoresMenu(self.store, self.q, exp)
+        while True:
+            choice = self.menu(
+                f"Scores and annotation of '{exp.name}'",
+                [
+                    Choice("Score the conversations (choose scorers)", "score"),
+                    Choice("Export an annotation sheet", "export_sheet"),
+                    Choice("Import an annotation sheet", "import_sheet"),
+                    Choice("See agreement between sources", "agreement"),
+                    Choice("Back", _BACK),
+                ],
+            )
+            if choice is None:
+                return
+            self.guarded(getattr(actions, choice))
 
     def show_header(self, exp: Experiment, conversations: int) -> None:
         created = exp.created_at.strftime("%Y-%m-%d %H:%M") if exp.created_at else "?"
