@@ -267,8 +267,8 @@ def test_a_non_creator_is_not_offered_what_only_the_creator_may_do(
     conv_id = run_one_conversation(bob, exp)
     messages = db["messages"].count_documents({})
     # the experiment menu, top to bottom and round to the top again: Down skips disabled
-    # entries, so 6 Downs go Duplicate, favourite, Export, Browse, Back, Perform
-    keys = SELECT_FIRST + down(6)
+    # entries, so 7 Downs go Duplicate, favourite, Export, Browse, Scores, Back, Perform
+    keys = SELECT_FIRST + down(7)
     keys += down(2) + ENTER  # the third entry one can choose: Add to my favourites
     keys += down(4) + ENTER + ENTER  # Browse conversations (1), the conversation
     keys += DOWN + ENTER  # Add to my favourites (Delete is disabled)
@@ -531,8 +531,9 @@ def test_the_creator_is_not_offered_delete_while_others_conversations_are_in_it(
     exp = alice.insert_experiment(prison)
     run_one_conversation(bob, exp)
     rows = {c: db[c].count_documents({}) for c in ("conversations", "messages")}
-    # where Delete was: 6 Downs now land on Back (Delete is skipped); "y" would confirm
-    keys = SELECT_FIRST + down(6) + ENTER + "y" + ESC + EXIT
+    # where Delete was: 6 Downs now land on Scores (Delete is skipped), 7 on Back; "y"
+    # would confirm
+    keys = SELECT_FIRST + down(7) + ENTER + "y" + ESC + EXIT
 
     out, asked = drive_asked(alice, keys, tmp_path)
 
