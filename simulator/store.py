@@ -1760,8 +1760,12 @@ class Store:
                                        {"$group": group}])  # fmt: skip
         series = [
             ScoreSeries(
-                r["_id"]["scorer"], r["_id"]["version"], r["_id"]["source"], r["n"],
-                r.get("latest"), bool(r.get("message")),
+                r["_id"]["scorer"],
+                r["_id"]["version"],
+                r["_id"]["source"],
+                r["n"],
+                r.get("latest"),
+                bool(r.get("message")),
             )  # fmt: skip
             for r in rows
         ]

@@ -614,12 +614,9 @@ def test_score_an_experiment_from_the_menus_choosing_scorers(
     ]
 
 
-def test_annotation_round_trip_and_agreement_from_the_menus(
-    alice, two_conversations, tmp_path, db
-):
+def test_annotation_round_trip_and_agreement_from_the_menus(alice, two_conversations, tmp_path, db):
     import csv
 
-    exp = two_conversations
     sheet = tmp_path / "ann.csv"
     keys = SELECT_FIRST + SCORES
     keys += ENTER + ENTER  # score with both (the judge answers Yes, then No)

@@ -285,3 +285,42 @@ def test_txt_writes_the_prompts_of_each_combination_of_factor_levels(db, tmp_pat
         stored = {a.role: a.system_prompt for a in rec.agents}
         assert stored["prisoner"] + "\n" == prisoner
     assert not (folder / "prompts" / "prisoner.txt").exists()  # no factor-blind prompts
+
+
+def test_exports_read_scores_in_one_query_per_chunk_not_per_conversation(
+    scored, mongo_server, db, tmp_path
+):
+    """Scores come with the transcripts, one `find` on scores per 50 conversations (and one
+    aggregate for the columns), whatever the number of conversations."""
+    from pymongo import MongoClient, monitoring
+
+    store, exp, batch_id, records = scored
+    grid = make_grid(
+        exp, llms=None, messages=2, days=1, agents=None, speakers=["round_robin"], repetitions=3
+    )
+    more = start_batch(store, exp, grid, RunOptions()).batch_id
+    score(store, exp, store.list_conversations(batch_id=more), scorers_for(exp), ScoreOptions())
+
+    class Commands(monitoring.CommandListener):
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, str]] = []
+
+        def started(self, event: monitoring.CommandStartedEvent) -> None:
+            self.seen.append((event.command_name, str(event.command.get(event.command_name))))
+
+        def succeeded(self, event: Any) -> None:
+            pass
+
+        def failed(self, event: Any) -> None:
+            pass
+
+    listener = Commands()
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo_server, event_listeners=[listener])
+    try:
+        watched = Store(client[db.name], "alice")
+        rows = read_rows(export.export(watched, exp.id or "", "jsonl", tmp_path).files[0])
+    finally:
+        client.close()
+    assert len({r["conversation_id"] for r in rows}) == 5
+    on_scores = [name for name, coll in listener.seen if coll == "scores"]
+    assert on_scores == ["aggregate", "find"], listener.seen
