@@ -163,9 +163,11 @@ class ScoreColumns:
             raise UserError(f"--scores {mode!r}: choose one of {', '.join(SCORE_MODES)}.")
         if mode == "none":
             return cls([])
-        from simulator.scoring.run import scorers_for
+        from simulator.scoring.definition import parse_scorers
 
-        defined = {s.name: s for s in scorers_for(exp)}
+        # the experiment's own scorers (as scoring.run.scorers_for reads them)
+        mine = parse_scorers(exp.scorers, f"experiment {exp.id}") if exp.scorers else []
+        defined = {s.name: s for s in mine}
         series = store.score_series(exp.id or "")
         return cls(_columns(defined, series, mode))
 
