@@ -784,6 +784,7 @@ def show_conversation(
         starting_message=prompts.starting_message(exp, record.spec.agents, record.spec.factors),
         page=page,
         selector_calls=t.selector_calls if selector else None,
+        scores=store.list_scores(conversation_id=record.id),  # issue 11: by source
     )
 
 

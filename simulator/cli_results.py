@@ -53,20 +53,35 @@ def export_command(
         help="Only conversations with this condition (repeatable), as in "
         "`simulator conversations`: e.g. --where status=completed or --where risks=yes.",
     ),
+    scores: str = typer.Option(
+        "one",
+        "--scores",
+        metavar="one|all|none",
+        help="Score columns: one per scorer (a human answer first, then a judge's ...), "
+        "all (one per scorer and source, e.g. score_goal__human_ann), or none.",
+    ),
 ) -> None:
     """Export conversations: txt to read, jsonl/csv (one row per message) for pandas, html."""
-    friendly(_export)(ref, fmt, out_dir, kind, where or [])
+    friendly(_export)(ref, fmt, out_dir, kind, where or [], scores)
 
 
 def _export(
-    ref: str, formats: list[str], out_dir: Path, kind: str | None, where: list[str]
+    ref: str,
+    formats: list[str],
+    out_dir: Path,
+    kind: str | None,
+    where: list[str],
+    scores: str = "one",
 ) -> None:
     from simulator import export
+    from simulator.scoring.views import SCORE_MODES
     from simulator.store import parse_where
 
     for f in formats:
         if f not in EXPORT_FORMATS:
             raise UserError(f"--format {f!r}: choose one of {', '.join(EXPORT_FORMATS)}.")
+    if scores not in SCORE_MODES:
+        raise UserError(f"--scores {scores!r}: choose one of {', '.join(SCORE_MODES)}.")
     filters = parse_where(where)
     store = open_store()
     selection = export.select(store, ref, kind, filters)
@@ -87,7 +102,7 @@ def _export(
 
             result = export_tables(store, selection, out_dir)
         else:
-            result = export.export_selection(store, selection, f, out_dir)
+            result = export.export_selection(store, selection, f, out_dir, scores)
         folder = out_dir / export.experiment_folder(selection.experiment)
         what = f"{result.rows} rows" if f in ("jsonl", "csv") else f"{len(result.files)} files"
         out.print(f"{f}: {result.conversations} conversation(s), {what} in {folder}")

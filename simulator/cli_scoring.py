@@ -68,6 +68,7 @@ def score_command(
     ),
 ) -> None:
     """Score stored conversations; only items without a score are scored (resume = rerun)."""
+    friendly(check_concurrency)(concurrency)  # before connecting or resolving REF
     friendly(score_ref)(ref, scorer, where or [], scorers_file, concurrency, max_failures)
 
 
@@ -84,6 +85,14 @@ def score_ref(
     store = open_store()
     exp, records = select_conversations(store, ref, parse_where(where))
     run_scorers(store, exp, records, names, scorers_file, concurrency, max_failures)
+
+
+def check_concurrency(concurrency: int | None) -> None:
+    if concurrency is not None and concurrency < 1:
+        raise UserError(
+            f"--concurrency must be at least 1 (got {concurrency}): it is how many requests "
+            "are in flight per endpoint; leave it out to use SIMULATOR_CONCURRENCY."
+        )
 
 
 def run_scorers(
@@ -103,8 +112,7 @@ def run_scorers(
     from simulator.scoring.run import ScoreOptions, ScoreProgress, ScoringRun, plan, scorers_for
     from simulator.settings import load_settings
 
-    if concurrency is not None and concurrency < 1:
-        raise UserError(f"--concurrency must be at least 1 (got {concurrency}).")
+    check_concurrency(concurrency)
     extra = load_scorers_file(scorers_file) if scorers_file else []
     scorers = choose(scorers_for(exp, extra), names)
     if not scorers:
@@ -136,24 +144,13 @@ def run_scorers(
         )
         items, already = plan(store, exp, records, scorers)
         report = ScoringRun(store, exp, scorers, options).run(items, already)
-    out.print(
-        f"Scored {plural(report.scored, 'item')} with {', '.join(s.name for s in scorers)} "
-        f"({report.already:,} already scored, {report.invalid:,} invalid answers, "
-        f"{report.failed:,} failed, {plural(report.calls, 'call')})."
-    )
-    for item, error in report.errors[:20]:
-        err.print(f"  {item}: {error}", markup=False)
-    if len(report.errors) > 20:
-        err.print(f"  ... and {len(report.errors) - 20} more (see the log file)")
-    missing = report.items - report.scored - report.invalid
-    if report.reason or report.interrupted or missing:
-        why = report.reason or ("interrupted" if report.interrupted else "some items failed")
-        err.print(
-            f"Not finished ({why}): {missing:,} items still have no score. Run the same "
-            f"`simulator score` command again to score only those."
-        )
-        if report.reason or report.interrupted:
-            raise typer.Exit(1)
+    again = "Run the same `simulator score` command again"
+    from simulator import display
+
+    for line, problem in display.score_report_lines(report, [s.name for s in scorers], again):
+        (err if problem else out).print(line, markup=False)
+    if report.reason or report.interrupted:
+        raise typer.Exit(1)
 
 
 def annotate_export_command(

@@ -29,7 +29,15 @@ from rich.text import Text
 from simulator.conversation import EXTRA_ATTEMPTS, Message, SelectorCall, Summary
 from simulator.grid import Grid
 from simulator.runner import BatchReport, ProgressEvent
-from simulator.store import BatchRecord, BatchTotals, ConversationRecord, ExperimentRow, plural
+from simulator.scoring.views import newest_per_source, shown_value, source_kind
+from simulator.store import (
+    BatchRecord,
+    BatchTotals,
+    ConversationRecord,
+    ExperimentRow,
+    Score,
+    plural,
+)
 
 ROLE_COLOURS = [
     "cyan",
@@ -81,6 +89,7 @@ def transcript_parts(
     raw: bool = False,
     starting_message: str | None = None,
     selector_calls: Sequence[SelectorCall] | None = None,
+    scores: Sequence[Score] | None = None,
 ) -> list[RenderableType]:
     """What `render_transcript` prints, piece by piece."""
     roles = list(roles) + sorted({m.role for m in messages} - set(roles))
@@ -100,6 +109,12 @@ def transcript_parts(
         parts.append(
             Text(f"Quality: {rec.quality.line()}", style="green" if rec.quality.usable else "red")
         )
+    shown = newest_per_source(scores or ())
+    parts += scores_block(shown)
+    by_message: dict[str, list[Score]] = {}
+    for score in shown:
+        if score.message:
+            by_message.setdefault(score.message, []).append(score)
     calls: dict[tuple[int, int], list[SelectorCall]] = {}
     for c in selector_calls or ():
         calls.setdefault((c.day, c.turn), []).append(c)
@@ -117,6 +132,8 @@ def transcript_parts(
             label = Text(f"{m.speaker}: ", style=f"bold {colours.get(m.role, 'white')}")
             body = Text("(empty reply)", style="dim italic") if m.empty else Text(m.content)
             parts.append(label + body + flags_text(m.flags, m.finish_reason))
+            if f"{m.day}:{m.turn}" in by_message:
+                parts.append(message_scores_text(by_message[f"{m.day}:{m.turn}"]))
             if raw and m.raw is not None:
                 parts.append(Text(f"  raw: {m.raw}", style="dim"))
         if day in by_day:
@@ -124,6 +141,70 @@ def transcript_parts(
             title = f"Summary of day {day}" + (f" [{', '.join(s.flags)}]" if s.flags else "")
             parts.append(Panel(s.content, title=escape(title), border_style="dim"))
     return parts
+
+
+def short_source(source: str) -> str:
+    """`python:pkg.mod:fn` -> `python`, `moderation:model` -> `moderation`; judges and
+    humans keep their model or name (two of them can score the same message)."""
+    kind = source_kind(source)
+    return kind if kind in ("python", "moderation") else source
+
+
+def scores_block(scores: Sequence[Score]) -> list[RenderableType]:
+    """The conversation's scores by source: its own values, and how many messages each
+    per-message scorer scored (those values are shown beside each message)."""
+    if not scores:
+        return []
+    own: dict[str, list[str]] = {}
+    per_message: dict[str, dict[str, int]] = {}
+    for s in scores:
+        if s.message:
+            counts = per_message.setdefault(s.source, {})
+            counts[s.scorer] = counts.get(s.scorer, 0) + 1
+        else:
+            own.setdefault(s.source, []).append(f"{s.scorer}={shown_value(s)}")
+    lines = Text("Scores", style="bold")
+    for source in sorted(set(own) | set(per_message)):
+        items = list(own.get(source, []))
+        items += [
+            f"{name}: {plural(n, 'message')}" for name, n in per_message.get(source, {}).items()
+        ]
+        lines.append(f"\n  {source}: ", style="dim")
+        lines.append(" · ".join(items))
+    return [lines]
+
+
+def message_scores_text(scores: Sequence[Score]) -> Text:
+    """One dim line under a message: `  scores: toxicity=2 (judge:gpt-4o-mini) · ...`."""
+    items = " · ".join(f"{s.scorer}={shown_value(s)} ({short_source(s.source)})" for s in scores)
+    return Text(f"  scores: {items}", style="dim cyan")
+
+
+def score_report_lines(
+    report: Any, names: Sequence[str], again: str = "Score again"
+) -> list[tuple[str, bool]]:
+    """What a scoring run did (`simulator score` and the menus): (line, is a problem)."""
+    lines = [
+        (
+            f"Scored {plural(report.scored, 'item')} with {', '.join(names)} "
+            f"({report.already:,} already scored, {report.invalid:,} invalid answers, "
+            f"{report.failed:,} failed, {plural(report.calls, 'call')}).",
+            False,
+        )
+    ]
+    lines += [(f"  {item}: {error}", True) for item, error in report.errors[:20]]
+    if len(report.errors) > 20:
+        lines.append((f"  ... and {len(report.errors) - 20} more (see the log file)", True))
+    if report.reason or report.interrupted or report.missing:
+        why = report.reason or ("interrupted" if report.interrupted else "some items failed")
+        lines.append(
+            (
+                f"Not finished ({why}): {report.missing:,} items still have no score. "
+                f"{again} to score only those.",
+                True,
+            )
+        )
+    return lines
 
 
 def flags_text(flags: Sequence[str], finish_reason: str | None = None) -> Text:
@@ -157,8 +238,10 @@ def render_transcript(
     starting_message: str | None = None,
     page: bool | None = False,
     selector_calls: Sequence[SelectorCall] | None = None,
+    scores: Sequence[Score] | None = None,
 ) -> None:
-    """Print a conversation: conditions, day headers, speakers coloured by role, summaries.
+    """Print a conversation: conditions, scores, day headers, speakers coloured by role,
+    summaries.
 
     `raw` adds the model's reply where cleaning changed it. `page=None` pages through
     $PAGER (less) when the console and stdin are a terminal and the transcript is taller
@@ -172,6 +255,7 @@ def render_transcript(
         raw=raw,
         starting_message=starting_message,
         selector_calls=selector_calls,
+        scores=scores,
     )
     if page is None:
         # Only with someone at a terminal to press `q`: a pager on a pipe or with no

@@ -4,14 +4,19 @@ An export takes one experiment, one batch or one conversation. Every format name
 experiment's folder `<experiment name>-<id prefix>` under the chosen output directory:
 
     txt    <exp>/<model>/<conversation>.txt    the prototype's `[Day N] Speaker: ...` layout
-           <exp>/prompts/<role>.txt            each role's composed prompt (tags unfilled)
-           <exp>/conversations.csv             which file holds which condition
+           <exp>/prompts/<role>.txt            each role's composed prompt (tags unfilled);
+           <exp>/prompts/<levels>/<role>.txt   with factors, one folder per combination of
+                                               levels the exported conversations have
+           <exp>/conversations.csv             which file (and prompts folder) holds which
+                                               condition, with the conversation's scores
     jsonl  <exp>/<kind>-<id>.jsonl              one row per message and per summary, every
     csv    <exp>/<kind>-<id>.csv                condition as a column (see ROW_COLUMNS)
     html   <exp>/<conversation>.html           self-contained pages (no network at all)
            <exp>/index.html                    the conditions in a sortable table, linking them
 
 Rows are streamed: a batch of thousands of conversations never sits in memory at once.
+Scores (issue 11) add columns `score_<scorer>` (or one per source with `scores="all"`); which
+value a column holds is decided in simulator/scoring/views.py.
 """
 
 from __future__ import annotations
@@ -38,10 +43,18 @@ from simulator.conversation import (
     day_opening,
 )
 from simulator.errors import NotFoundError, UserError
-from simulator.experiment import Experiment
+from simulator.experiment import Experiment, apply_levels
 from simulator.export_kinds import FORMATS, KINDS
 from simulator.quality import MESSAGE_FLAGS
-from simulator.store import BatchRecord, ConversationRecord, Store
+from simulator.scoring.views import (
+    ConversationCells,
+    ScoreColumns,
+    cell,
+    mean,
+    newest_per_source,
+    shown_value,
+)
+from simulator.store import BatchRecord, ConversationRecord, Score, Store
 
 SAMPLING = ("temperature", "top_k", "top_p", "seed", "context_length", "max_tokens")
 SUMMARIZER = "Summarizer"
@@ -153,28 +166,38 @@ def _select_kind(store: Store, ref: str, kind: str, where: dict[str, str]) -> Se
 
 
 def export(
-    store: Store, ref: str, fmt: str, out_dir: str | Path, *, kind: str | None = None
+    store: Store,
+    ref: str,
+    fmt: str,
+    out_dir: str | Path,
+    *,
+    kind: str | None = None,
+    scores: str = "one",
 ) -> ExportResult:
-    """Export an experiment, batch or conversation (by id prefix) in one format."""
+    """Export an experiment, batch or conversation (by id prefix) in one format.
+    `scores`: one column per scorer ("one"), per scorer and source ("all"), or none."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}.")
-    return export_selection(store, select(store, ref, kind), fmt, Path(out_dir))
+    return export_selection(store, select(store, ref, kind), fmt, Path(out_dir), scores)
 
 
-def export_selection(store: Store, sel: Selection, fmt: str, out_dir: Path) -> ExportResult:
+def export_selection(
+    store: Store, sel: Selection, fmt: str, out_dir: Path, scores: str = "one"
+) -> ExportResult:
     folder = out_dir / experiment_folder(sel.experiment)
+    score_columns = ScoreColumns.for_experiment(store, sel.experiment, scores)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if fmt == "txt":
-            return export_txt(store, sel, folder)
+            return export_txt(store, sel, folder, score_columns)
         if fmt == "html":
             return export_html(store, sel, folder)
         path = folder / f"{sel.kind}-{sel.id}.{fmt}"
-        rows = export_rows(store, sel)
+        rows = export_rows(store, sel, score_columns)
         count = (
             write_jsonl(rows, path)
             if fmt == "jsonl"
-            else write_csv(rows, path, columns(sel.experiment))
+            else write_csv(rows, path, columns(sel.experiment) + score_columns.names)
         )
         return ExportResult([path], len(sel.conversations), count)
     except OSError as e:
@@ -238,8 +261,11 @@ def conditions(exp: Experiment, rec: ConversationRecord) -> dict[str, Any]:
     return row
 
 
-def transcript_rows(exp: Experiment, rec: ConversationRecord, t: Transcript) -> Iterator[dict]:
-    """One row per message, then after each day's messages one row for its summary."""
+def transcript_rows(
+    exp: Experiment, rec: ConversationRecord, t: Transcript, scores: ConversationCells | None = None
+) -> Iterator[dict]:
+    """One row per message, then after each day's messages one row for its summary;
+    `scores`: the conversation's score cells, added after the message columns."""
     base = conditions(exp, rec)
     summaries = {s.day: s for s in t.summaries}
     days = sorted({m.day for m in t.messages} | set(summaries))
@@ -247,14 +273,16 @@ def transcript_rows(exp: Experiment, rec: ConversationRecord, t: Transcript) -> 
         today = [m for m in t.messages if m.day == day]
         for m in today:
             yield base | _message_fields("message", m.day, m.turn, m.speaker, m.role, m.content,
-                                         m.raw, m.empty, m.usage) | _flag_fields(m)  # fmt: skip
+                                         m.raw, m.empty, m.usage) | _flag_fields(m) | (
+                scores.message(f"{m.day}:{m.turn}") if scores else {})  # fmt: skip
         if day in summaries:
             s = summaries[day]
             # After the day's last turn, so sorting by (day, turn) keeps the reading order.
             turn = max((m.turn for m in today), default=0) + 1
             yield base | _message_fields("summary", day, turn, SUMMARIZER, "summarizer",
                                          s.content, None, not s.content, s.usage
-                                         ) | _flag_fields(s)  # fmt: skip
+                                         ) | _flag_fields(s) | (
+                scores.message(None) if scores else {})  # fmt: skip
 
 
 def _message_fields(
@@ -286,10 +314,33 @@ def _flag_fields(item: Message | Summary) -> dict[str, Any]:
     }
 
 
-def export_rows(store: Store, sel: Selection) -> Iterator[dict]:
+def export_rows(store: Store, sel: Selection, scores: ScoreColumns | str = "one") -> Iterator[dict]:
+    """Every row of a jsonl/csv export: the columns of `columns()`, then the score columns."""
+    if isinstance(scores, str):
+        scores = ScoreColumns.for_experiment(store, sel.experiment, scores)
     # Transcripts are read a chunk of conversations at a time, not one query per conversation.
-    for rec, t in store.transcripts(sel.conversations):
-        yield from transcript_rows(sel.experiment, rec, t)
+    for rec, t, found in scored_transcripts(store, sel.conversations, bool(scores.columns)):
+        yield from transcript_rows(sel.experiment, rec, t, scores.cells(found))
+
+
+def scored_transcripts(
+    store: Store, records: list[ConversationRecord], with_scores: bool = True, chunk: int = 50
+) -> Iterator[tuple[ConversationRecord, Transcript, list[Score]]]:
+    """Each record with its transcript and its scores: one scores query per `chunk`
+    transcripts, in whatever order the store yields them."""
+    pending: list[tuple[ConversationRecord, Transcript]] = []
+
+    def flush() -> Iterator[tuple[ConversationRecord, Transcript, list[Score]]]:
+        found = store.scores_of(r.id for r, _ in pending) if with_scores else {}
+        for rec, t in pending:
+            yield rec, t, found.get(rec.id, [])
+        pending.clear()
+
+    for pair in store.transcripts(records):
+        pending.append(pair)
+        if len(pending) >= chunk:
+            yield from flush()
+    yield from flush()
 
 
 def write_jsonl(rows: Iterable[dict], path: Path) -> int:
@@ -331,23 +382,49 @@ def transcript_text(exp: Experiment, rec: ConversationRecord, t: Transcript) -> 
     return "\n\n".join(blocks) + "\n"
 
 
-def export_txt(store: Store, sel: Selection, folder: Path) -> ExportResult:
-    result = ExportResult(conversations=len(sel.conversations))
-    prompt_dir = folder / "prompts"
-    prompt_dir.mkdir(exist_ok=True)
-    exp = sel.experiment
+def prompts_folder(exp: Experiment, levels: dict[str, str]) -> str:
+    """Where txt puts the prompts of a conversation with these factor levels (relative)."""
+    if not exp.factors:
+        return "prompts"
+    combo = "__".join(f"{f.name}-{levels.get(f.name, '')}" for f in exp.factors)
+    return f"prompts/{safe_name(combo)}"
+
+
+def write_prompts(exp: Experiment, levels: dict[str, str], folder: Path) -> list[Path]:
+    """Each role's composed prompt and the summarizer's (tags unfilled) under these levels."""
+    exp = apply_levels(exp, levels)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
     for role in exp.roles:
         text = prompts.compose([*role.sections.items(), *exp.shared_sections.items()])
-        result.files.append(_write(prompt_dir / f"{safe_name(role.name)}.txt", text + "\n"))
+        files.append(_write(folder / f"{safe_name(role.name)}.txt", text + "\n"))
     if exp.summarizer.sections:
         text = prompts.compose(list(exp.summarizer.sections.items()))
-        result.files.append(_write(prompt_dir / "summarizer.txt", text + "\n"))
+        files.append(_write(folder / "summarizer.txt", text + "\n"))
+    return files
+
+
+def export_txt(
+    store: Store, sel: Selection, folder: Path, scores: ScoreColumns | None = None
+) -> ExportResult:
+    result = ExportResult(conversations=len(sel.conversations))
+    exp = sel.experiment
+    scores = scores or ScoreColumns([])
+    written: set[str] = set()  # prompt folders, one per combination of factor levels
     listing = []
-    for rec, t in store.transcripts(sel.conversations):
+    for rec, t, found in scored_transcripts(store, sel.conversations, bool(scores.columns)):
+        where = prompts_folder(exp, rec.spec.factors)
+        if where not in written:
+            written.add(where)
+            result.files += write_prompts(exp, rec.spec.factors, folder / where)
         path = folder / safe_name(rec.spec.llm.model) / f"{rec.id}.txt"
         path.parent.mkdir(exist_ok=True)
         result.files.append(_write(path, transcript_text(exp, rec, t)))
-        listing.append({"file": str(path.relative_to(folder))} | conditions(exp, rec))
+        listing.append(
+            {"file": str(path.relative_to(folder)), "prompts": where}
+            | conditions(exp, rec)
+            | scores.cells(found).conversation()
+        )
     if listing:
         # Annotators get the bare transcripts; this joins their files back to the conditions.
         index = folder / "conversations.csv"
@@ -383,8 +460,10 @@ def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def conversation_html(exp: Experiment, rec: ConversationRecord, t: Transcript) -> str:
-    """One self-contained page: conditions, agents, days, summaries, role colours."""
+def conversation_html(
+    exp: Experiment, rec: ConversationRecord, t: Transcript, scores: list[Score] | None = None
+) -> str:
+    """One self-contained page: conditions, scores, agents, days, summaries, role colours."""
     roles = [r.name for r in exp.roles]
     roles += sorted({m.role for m in t.messages} - set(roles))
     colours = role_colours(roles)
@@ -402,6 +481,12 @@ def conversation_html(exp: Experiment, rec: ConversationRecord, t: Transcript) -
     if rec.quality is not None:
         verdict = "usable" if rec.quality.usable else "unusable"
         parts.append(f'<p class="quality {verdict}">Quality: {_e(rec.quality.line())}</p>')
+    shown = newest_per_source(scores or [])
+    by_message: dict[str, list[Score]] = {}
+    for score in shown:
+        by_message.setdefault(score.message, []).append(score)
+    if shown:
+        parts.append(_scores_html(shown))
     calls: dict[tuple[int, int], list[SelectorCall]] = {}
     for c in t.selector_calls:
         calls.setdefault((c.day, c.turn), []).append(c)
@@ -428,7 +513,8 @@ def conversation_html(exp: Experiment, rec: ConversationRecord, t: Transcript) -
             if (m.day, m.turn) in calls:
                 parts.append(_selector_html(calls[(m.day, m.turn)], m.speaker))
             parts.append(_message_html(m.speaker, m.role, css_class.get(m.role, ""), m.content,
-                                       m.raw, m.empty, m))  # fmt: skip
+                                       m.raw, m.empty, m,
+                                       by_message.get(f"{m.day}:{m.turn}")))  # fmt: skip
         if day in summaries:
             parts.append(_summary_html(summaries[day]))
         parts.append("</section>")
@@ -446,7 +532,7 @@ def _conditions_table(cond: dict[str, Any]) -> str:
 
 def _message_html(
     speaker: str, role: str, css: str, content: str, raw: str | None, empty: bool,
-    m: Message | None = None,
+    m: Message | None = None, scores: list[Score] | None = None,
 ) -> str:  # fmt: skip
     text = '<span class="empty">(empty reply)</span>' if empty else _e(content)
     turn = f' data-turn="{m.turn}"' if m else ""
@@ -460,8 +546,54 @@ def _message_html(
     return (
         f'<div class="message {css}" data-speaker="{_e(speaker)}" data-role="{_e(role)}"{turn}>'
         f'<div class="speaker">{_e(speaker)}{flags}</div><div class="content">{text}</div>'
-        f"{extra}</div>"
+        f"{_message_scores_html(scores or [])}{extra}</div>"
     )
+
+
+def _score_title(score: Score) -> str:
+    when = f"{score.created_at:%Y-%m-%d %H:%M}" if score.created_at else ""
+    return f"{score.source} · version {score.version[:8]} · {when}".strip(" ·")
+
+
+def _scores_html(scores: list[Score]) -> str:
+    """The conversation's scores in a table by source: conversation-level ones with their
+    value; message-level ones as how many messages they scored (each is beside its message)."""
+    rows: list[str] = []
+    per_message: dict[tuple[str, str], list[Score]] = {}
+    for s in scores:
+        if s.message:
+            per_message.setdefault((s.source, s.scorer), []).append(s)
+            continue
+        css = "" if s.valid else ' class="invalid"'
+        rows.append(
+            f'<tr data-scorer="{_e(s.scorer)}" data-source="{_e(s.source)}" data-level='
+            f'"conversation"><td>{_e(s.source)}</td><td>{_e(s.scorer)}</td>'
+            f"<td{css}>{_e(shown_value(s))}</td><td>{_e(s.version[:8])}</td></tr>"
+        )
+    for (source, scorer), found in sorted(per_message.items()):
+        average = mean(cell(s) for s in found)
+        value = f"{len(found)} messages" + (f", mean {average:g}" if average is not None else "")
+        rows.append(
+            f'<tr data-scorer="{_e(scorer)}" data-source="{_e(source)}" data-level="message">'
+            f"<td>{_e(source)}</td><td>{_e(scorer)}</td><td>{_e(value)} (per message, "
+            f"below)</td><td>{_e(found[0].version[:8])}</td></tr>"
+        )
+    return (
+        '<h2>Scores</h2><table class="scores"><thead><tr><th>source</th><th>scorer</th>'
+        f"<th>value</th><th>version</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def _message_scores_html(scores: list[Score]) -> str:
+    if not scores:
+        return ""
+    items = "".join(
+        f'<li class="score{"" if s.valid else " invalid"}" data-scorer="{_e(s.scorer)}" '
+        f'data-source="{_e(s.source)}" title="{_e(_score_title(s))}">'
+        f"{_e(s.scorer)} <b>{_e(shown_value(s))}</b> <small>{_e(s.source)}</small></li>"
+        for s in scores
+    )
+    return f'<ul class="scores">{items}</ul>'
 
 
 def _flags_html(flags: list[str]) -> str:
@@ -558,8 +690,8 @@ def _usable_cell(rec: ConversationRecord) -> tuple[str, str]:
 
 def export_html(store: Store, sel: Selection, folder: Path) -> ExportResult:
     result = ExportResult(conversations=len(sel.conversations))
-    for rec, t in store.transcripts(sel.conversations):
-        page = conversation_html(sel.experiment, rec, t)
+    for rec, t, scores in scored_transcripts(store, sel.conversations):
+        page = conversation_html(sel.experiment, rec, t, scores)
         result.files.append(_write(folder / f"{rec.id}.html", page))
     # The index lists every page in the folder, so exporting batch after batch adds up.
     exported = [

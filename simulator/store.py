@@ -2206,6 +2206,42 @@ class Store:
         return [_score(d) for d in docs.sort([("conversation_id", 1), ("message", 1),
                                               ("scorer", 1), ("source", 1)])]  # fmt: skip
 
+    def scores_of(self, conversation_ids: Iterable[str]) -> dict[str, list[Score]]:
+        """The scores of these conversations, by conversation id, in lists of 50 ids per query
+        (see transcripts); prompts and raw answers left out (views show values)."""
+        ids = list(dict.fromkeys(conversation_ids))
+        found: dict[str, list[Score]] = {conv_id: [] for conv_id in ids}
+        for start in range(0, len(ids), 50):
+            query = {"conversation_id": {"$in": ids[start : start + 50]}}
+            for d in self._scores.find(query, {"prompt": 0, "raw": 0}):
+                found[d["conversation_id"]].append(_score(d))
+        for scores in found.values():
+            scores.sort(key=lambda s: (s.message, s.scorer, s.source))
+        return found
+
+    def score_series(self, experiment_id: str) -> list[ScoreSeries]:
+        """Which (scorer, version, source) an experiment's scores come in: one query."""
+        group = {
+            "_id": {"scorer": "$scorer", "version": "$version", "source": "$source"},
+            "n": {"$sum": 1},
+            "latest": {"$max": "$created_at"},
+            "message": {"$max": "$message"},  # "" only for conversation-level scores
+        }
+        rows = self._scores.aggregate([{"$match": {"experiment_id": experiment_id}},
+                                       {"$group": group}])  # fmt: skip
+        series = [
+            ScoreSeries(
+                r["_id"]["scorer"],
+                r["_id"]["version"],
+                r["_id"]["source"],
+                r["n"],
+                r.get("latest"),
+                bool(r.get("message")),
+            )  # fmt: skip
+            for r in rows
+        ]
+        return sorted(series, key=lambda s: (s.scorer, s.source, s.version))
+
     def insert_sheet(self, sheet: AnnotationSheet) -> AnnotationSheet:
         doc = dataclasses.asdict(sheet)
         doc["_id"] = doc.pop("id")
@@ -2366,6 +2402,18 @@ class Score:
     role: str = ""  # the role of the scored message
     creator: str = ""
     created_at: datetime | None = None
+
+
+@dataclass
+class ScoreSeries:
+    """The scores of one scorer version from one source in an experiment (export columns)."""
+
+    scorer: str
+    version: str
+    source: str
+    count: int
+    latest: datetime | None  # when the newest of them was stored
+    per_message: bool
 
 
 @dataclass

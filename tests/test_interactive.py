@@ -267,8 +267,8 @@ def test_a_non_creator_is_not_offered_what_only_the_creator_may_do(
     conv_id = run_one_conversation(bob, exp)
     messages = db["messages"].count_documents({})
     # the experiment menu, top to bottom and round to the top again: Down skips disabled
-    # entries, so 7 Downs go Duplicate, favourite, Export, Browse, Report, Back, Perform
-    keys = SELECT_FIRST + down(7)
+    # entries, so 8 Downs go Duplicate, favourite, Export, Browse, Scores, Report, Back, Perform
+    keys = SELECT_FIRST + down(8)
     keys += down(2) + ENTER  # the third entry one can choose: Add to my favourites
     keys += down(4) + ENTER + ENTER  # Browse conversations (1), the conversation
     keys += DOWN + ENTER  # Add to my favourites (Delete is disabled)
@@ -531,9 +531,10 @@ def test_the_creator_is_not_offered_delete_while_others_conversations_are_in_it(
     exp = alice.insert_experiment(prison)
     run_one_conversation(bob, exp)
     rows = {c: db[c].count_documents({}) for c in ("conversations", "messages")}
-    # where Delete was: 7 Downs now land on Back (Delete is skipped, Report is passed); "y"
+    # where Delete was: 8 Downs now land on Back (Delete is skipped, Scores and Report are
+    # passed); "y"
     # would confirm
-    keys = SELECT_FIRST + down(7) + ENTER + "y" + ESC + EXIT
+    keys = SELECT_FIRST + down(8) + ENTER + "y" + ESC + EXIT
 
     out, asked = drive_asked(alice, keys, tmp_path)
 
@@ -542,3 +543,136 @@ def test_the_creator_is_not_offered_delete_while_others_conversations_are_in_it(
     assert [a.message for a in asked if a.kind != "select"] == []
     assert {c: db[c].count_documents({}) for c in rows} == rows
     assert alice.get_experiment(exp.id or "").id == exp.id
+
+
+# --- scores and annotation (issue 11 item 6) -----------------------------------------------
+
+SCORED_EXP = """\
+name: scored
+starting_message: Start
+llms: [{model: scripted, provider: scripted}]
+roles:
+  guard: {sections: {starting_prompt: You are a guard.}}
+  prisoner: {sections: {starting_prompt: You are a prisoner.}}
+scorers:
+  goal:
+    kind: judge
+    llm: {model: judge, provider: scripted, replies: ["Yes", "No"]}
+    rubric: Did the prisoners obtain the extra hour?
+    answer: choice
+    labels: ["Yes", "No"]
+  length: {kind: python, function: 'tests.scoring_plugin:turns'}
+"""
+# experiment menu: Scores and annotation is just above Report and Back (Up three times from
+# the top)
+SCORES = UP + UP + UP + ENTER
+# its menu: score, export a sheet, import a sheet, agreement, back
+
+
+@pytest.fixture
+def two_conversations(alice):
+    from simulator.experiment import experiment_from_yaml
+
+    exp = alice.insert_experiment(experiment_from_yaml(SCORED_EXP, "t"))
+    grid = make_grid(
+        exp, llms=None, messages=2, days=1, agents=None, speakers=["round_robin"], repetitions=2
+    )
+    assert start_batch(alice, exp, grid, RunOptions()).status == "completed"
+    return exp
+
+
+def test_score_an_experiment_from_the_menus_choosing_scorers(
+    alice, two_conversations, tmp_path, db
+):
+    """The menu scores with the chosen scorers only, through the library `score` uses: a
+    second time it scores nothing (the same resume rule)."""
+    exp = two_conversations
+    keys = SELECT_FIRST + SCORES
+    keys += ENTER + SPACE + ENTER  # Score: untick goal (first), keep length
+    keys += ENTER + ENTER  # Score again: both ticked
+    keys += ENTER + ENTER  # and again: nothing left
+    keys += ESC + BACK + ESC + EXIT
+
+    out, asked = drive_asked(alice, keys, tmp_path)
+
+    assert "Scored 2 items with length (0 already scored" in out, out
+    assert "Scored 2 items with goal, length (2 already scored" in out
+    assert "Scored 0 items with goal, length (4 already scored" in out
+    scores = alice.list_scores(experiment_id=exp.id)
+    assert sorted((s.scorer, s.source) for s in scores) == [
+        ("goal", "judge:scripted/judge"), ("goal", "judge:scripted/judge"),
+        ("length", "python:tests.scoring_plugin:turns"),
+        ("length", "python:tests.scoring_plugin:turns"),
+    ]  # fmt: skip
+    assert {s.value for s in scores if s.scorer == "goal"} == {"Yes", "No"}
+    assert db["scores"].count_documents({}) == 4
+    menu = next(a for a in asked if a.message.startswith("Scores and annotation"))
+    assert [t for t, _ in menu.entries] == [
+        "Score the conversations (choose scorers)",
+        "Export an annotation sheet",
+        "Import an annotation sheet",
+        "See agreement between sources",
+        "Back",
+    ]
+
+
+def test_annotation_round_trip_and_agreement_from_the_menus(alice, two_conversations, tmp_path, db):
+    import csv
+
+    sheet = tmp_path / "ann.csv"
+    keys = SELECT_FIRST + SCORES
+    keys += ENTER + ENTER  # score with both (the judge answers Yes, then No)
+    keys += DOWN + ENTER  # Export an annotation sheet
+    keys += ENTER  # the only judge scorer: goal (python ones are not offered)
+    keys += typed("ann") + typed(str(sheet)) + ENTER + "n"  # no sample, not blind
+    keys += ESC + BACK + ESC + EXIT
+    out = drive(alice, keys, tmp_path)
+    assert f"Wrote 2 rows to {sheet}" in out, out
+
+    with sheet.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["goal"] for r in rows] == ["", ""]
+    judged = {s.conversation_id: s.value for s in alice.list_scores(scorer="goal")}
+    for r in rows:  # the human agrees with the judge on every item
+        r["goal"] = judged[r["conversation_id"]]
+    with sheet.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    keys = SELECT_FIRST + SCORES
+    keys += down(2) + ENTER + typed(str(sheet)) + typed("ann")  # Import
+    keys += down(3) + ENTER + ENTER + "n"  # Agreement on goal (first), no confusion matrix
+    keys += ESC + BACK + ESC + EXIT
+    out = drive(alice, keys, tmp_path)
+
+    assert "Imported 2 answers of ann for goal (0 rows left blank)" in out, out
+    humans = [s for s in alice.list_scores(scorer="goal") if s.source == "human:ann"]
+    assert sorted((s.conversation_id, s.value) for s in humans) == sorted(judged.items())
+    assert "Agreement on goal" in out
+    line = next(x for x in out.splitlines() if "human:ann" in x and "judge:scripted/judge" in x)
+    assert "100.0%" in line or "100%" in line, out
+
+
+def test_a_bad_sheet_is_refused_in_the_menus_and_nothing_is_stored(
+    alice, two_conversations, tmp_path, db
+):
+    import csv
+
+    from simulator.scoring.annotation import export_sheet
+
+    exp = two_conversations
+    sheet = tmp_path / "bad.csv"
+    export_sheet(alice, exp.id or "", "goal", "ann", sheet)
+    with sheet.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows[0]["goal"], rows[1]["goal"] = "Maybe", "Yes"  # one label outside the allowed set
+    with sheet.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    keys = SELECT_FIRST + SCORES + down(2) + ENTER + typed(str(sheet)) + typed("ann")
+    keys += ESC + BACK + ESC + EXIT
+    out = drive(alice, keys, tmp_path)
+    assert "Maybe" in out and "row 2" in out, out
+    assert db["scores"].count_documents({}) == 0

@@ -26,6 +26,7 @@ from simulator.errors import NotFoundError, PermissionDenied, UserError
 from simulator.experiment import Experiment
 from simulator.interactive.questions import Cancelled, Choice, Questions, Separator, comma_list
 from simulator.interactive.run import run_conversations
+from simulator.interactive.scoring import ScoresMenu
 from simulator.interactive.wizard import create_experiment, duplicate_and_update, write_yaml
 from simulator.store import (
     ConversationRecord,
@@ -237,6 +238,7 @@ class Menus:
                         user,
                         _others_work(conversations, user),
                     ),
+                    Choice("Scores and annotation", "scores"),  # issue 11
                     Choice("Report: tables and figures", "report"),
                     Choice("Back", _BACK),
                 ],
@@ -263,8 +265,28 @@ class Menus:
                 self.guarded(ask_report, self.store, self.q, exp)
             elif choice == "browse":
                 self.browse(exp)
+            elif choice == "scores":
+                self.scores(exp)
             elif choice == "delete" and self.guarded(self.delete, exp, len(conversations)):
                 return
+
+    def scores(self, exp: Experiment) -> None:
+        """Score, export or import an annotation sheet, see agreement (interactive/scoring)."""
+        actions = ScoresMenu(self.store, self.q, exp)
+        while True:
+            choice = self.menu(
+                f"Scores and annotation of '{exp.name}'",
+                [
+                    Choice("Score the conversations (choose scorers)", "score"),
+                    Choice("Export an annotation sheet", "export_sheet"),
+                    Choice("Import an annotation sheet", "import_sheet"),
+                    Choice("See agreement between sources", "agreement"),
+                    Choice("Back", _BACK),
+                ],
+            )
+            if choice is None:
+                return
+            self.guarded(getattr(actions, choice))
 
     def show_header(self, exp: Experiment, conversations: int) -> None:
         created = exp.created_at.strftime("%Y-%m-%d %H:%M") if exp.created_at else "?"
@@ -406,11 +428,16 @@ class Menus:
     def view(self, rec: ConversationRecord, exp: Experiment) -> None:
         t = self.store.load_transcript(rec.id)
         roles = [r.name for r in exp.roles]
+        scores = self.store.list_scores(conversation_id=rec.id)
         if self.console.is_terminal:
             with _less_keeps_colours(), self.console.pager(styles=True):
-                display.render_transcript(self.console, rec, t.messages, t.summaries, roles)
+                display.render_transcript(
+                    self.console, rec, t.messages, t.summaries, roles, scores=scores
+                )
         else:
-            display.render_transcript(self.console, rec, t.messages, t.summaries, roles)
+            display.render_transcript(
+                self.console, rec, t.messages, t.summaries, roles, scores=scores
+            )
 
     def delete_conversation(self, rec: ConversationRecord) -> bool:
         if not self.q.confirm(
