@@ -122,6 +122,7 @@ def retry_policy(settings: Settings) -> RetryPolicy:
         base_delay=settings.retry_base_delay,
         max_delay=settings.retry_max_delay,
         timeout=settings.request_timeout,
+        start_concurrency=settings.concurrency_start,
     )
 
 
