@@ -28,6 +28,7 @@ from simulator.frontend import (
 )
 from simulator.grid import make_grid
 from simulator.importing import check_experiment_file, import_experiment
+from simulator.llm.cache import ResponseCache
 from simulator.runner import (
     BatchReport,
     RunOptions,
@@ -412,6 +413,12 @@ MAX_FAILURES_OPTION = typer.Option(
     "(e.g. 5) or fraction (e.g. 0.2 or 20%; default 0.1).",
 )
 PLAIN_OPTION = typer.Option(False, "--plain", help="One line per event, no live display.")
+CACHE_OPTION = typer.Option(
+    False,
+    "--cache",
+    help="Reuse stored LLM responses for identical calls (same model, URL, messages, "
+    "sampling, seed and repetition) and store new ones.",
+)
 
 
 @app.command()
@@ -472,6 +479,7 @@ def run(
     score: bool = typer.Option(
         False, "--score", help="Then score the batch with the experiment's scorers."
     ),
+    cache: bool = CACHE_OPTION,
 ) -> None:
     """Run a batch: every combination of the grid options, each stored as it happens."""
     check_experiment_file(Path(experiment))  # a directory is refused before connecting
@@ -499,10 +507,15 @@ def run(
     assert store is not None
     manual = "manual" in grid.speakers
     options = run_options(concurrency, max_failures, plain, manual=manual)
+    options.cache = ResponseCache(store) if cache else None
     report = execute(store, lambda o: start_batch(store, exp, grid, o), options, plain or manual)
+    if options.cache is not None:
+        out.print(options.cache.summary(), highlight=False)
     finish(store, report)
     if score:  # issue 11: only a completed batch gets here
-        cli_scoring.score_ref(report.batch_id, None, [], None, concurrency, max_failures)
+        cli_scoring.score_ref(
+            report.batch_id, None, [], None, concurrency, max_failures, cache=cache
+        )
 
 
 @app.command()

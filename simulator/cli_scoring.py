@@ -63,9 +63,14 @@ def score_command(
         metavar="N|FRACTION",
         help="Stop after this many failed items (count, or fraction like 0.2; default 10%).",
     ),
+    cache: bool = typer.Option(
+        False, "--cache", help="Reuse stored judge responses for identical calls; store new ones."
+    ),
 ) -> None:
     """Score stored conversations; only items without a score are scored (resume = rerun)."""
-    friendly(score_ref)(ref, scorer, where or [], scorers_file, concurrency, max_failures)
+    friendly(score_ref)(
+        ref, scorer, where or [], scorers_file, concurrency, max_failures, cache=cache
+    )
 
 
 def score_ref(
@@ -75,12 +80,14 @@ def score_ref(
     scorers_file: Path | None,
     concurrency: int | None,
     max_failures: str | None,
+    *,
+    cache: bool = False,
 ) -> None:
     from simulator.scoring.run import select_conversations
 
     store = open_store()
     exp, records = select_conversations(store, ref, parse_where(where))
-    run_scorers(store, exp, records, names, scorers_file, concurrency, max_failures)
+    run_scorers(store, exp, records, names, scorers_file, concurrency, max_failures, cache=cache)
 
 
 def run_scorers(
@@ -91,10 +98,13 @@ def run_scorers(
     scorers_file: Path | None,
     concurrency: int | None = None,
     max_failures: str | None = None,
+    *,
+    cache: bool = False,
 ) -> None:
     """Score and print the report (shared by `score` and `run --score`)."""
     from rich.progress import Progress
 
+    from simulator.llm.cache import ResponseCache
     from simulator.runner import retry_policy
     from simulator.scoring.definition import choose, load_scorers_file
     from simulator.scoring.run import ScoreOptions, ScoreProgress, ScoringRun, plan, scorers_for
@@ -130,6 +140,7 @@ def run_scorers(
             max_failures=max_failures,
             retry=retry_policy(settings),
             on_progress=on_progress,
+            cache=ResponseCache(store) if cache else None,
         )
         items, already = plan(store, exp, records, scorers)
         report = ScoringRun(store, exp, scorers, options).run(items, already)
@@ -138,6 +149,8 @@ def run_scorers(
         f"({report.already:,} already scored, {report.invalid:,} invalid answers, "
         f"{report.failed:,} failed, {plural(report.calls, 'call')})."
     )
+    if options.cache is not None:
+        out.print(options.cache.summary(), highlight=False)
     for item, error in report.errors[:20]:
         err.print(f"  {item}: {error}", markup=False)
     if len(report.errors) > 20:

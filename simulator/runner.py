@@ -49,6 +49,8 @@ from simulator.errors import (
 )
 from simulator.experiment import Experiment, ModelSpec
 from simulator.grid import Grid
+from simulator.llm.base import ChatModel
+from simulator.llm.cache import ResponseCache, conversation_scope
 from simulator.llm.registry import ModelPool, endpoint_key, preflight
 from simulator.llm.retry import RetryPolicy
 from simulator.quality import Quality, UsableRule, assess
@@ -113,6 +115,7 @@ class RunOptions:
     lease_seconds: float = LEASE_SECONDS
     templates: prompts.Templates | None = None  # None: the shipped ones
     usable_rule: UsableRule = field(default_factory=UsableRule)  # SIMULATOR_USABLE_MAX_*
+    cache: ResponseCache | None = None  # --cache: reuse stored LLM responses (issue 13)
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:
@@ -717,10 +720,15 @@ def _run_one(
     stored = len(done.messages) + len(done.summaries) + len(done.selector_calls) if done else 0
     notify(ProgressEvent("conversation_started", batch_id, record.id, calls_done=stored))
     llm = record.spec.llm
+    cache, scope = options.cache, conversation_scope(record.spec)
+
+    def model(spec: ModelSpec) -> ChatModel:  # --cache: answered from stored responses first
+        return cache.wrap(pool.get(spec), spec, scope) if cache else pool.get(spec)
+
     models = Models(
-        agent=pool.get(llm),
-        summarizer=pool.get(exp.summarizer.llm or llm),
-        selector=pool.get(exp.selector_llm or llm),
+        agent=model(llm),
+        summarizer=model(exp.summarizer.llm or llm),
+        selector=model(exp.selector_llm or llm),
     )
     attempts: dict[tuple[int, int], int] = {}
     if done:

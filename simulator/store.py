@@ -52,6 +52,7 @@ from simulator.errors import (
 )
 from simulator.experiment import Experiment, ModelSpec, experiment_from_dict, experiment_to_dict
 from simulator.grid import Grid
+from simulator.llm.cache import CachedResponse
 from simulator.quality import Quality
 from simulator.status import UNFINISHED, BatchStatus, ConversationStatus
 
@@ -1747,6 +1748,52 @@ class Store:
     def get_sheet(self, sheet_id: str) -> AnnotationSheet | None:
         doc = self._annotation_sheets.find_one({"_id": sheet_id})
         return _sheet(doc) if doc else None
+
+    # --- response cache (issue 13): LLM responses reused with --cache ---------------------
+    # One document per call key (simulator/llm/cache.py: model, base URL, messages, sampling,
+    # the caller's scope with its seed and repetition): unique by key, written once; a second
+    # writer of the same key (another worker) changes nothing.
+
+    @property
+    def _response_cache(self) -> pymongo.collection.Collection:
+        return self._db["response_cache"]
+
+    def prepare_response_cache(self) -> None:
+        """Create the cache's unique index (once per run that uses the cache)."""
+        try:
+            self._response_cache.create_index([("key", 1)], unique=True)
+        except PyMongoError as e:
+            raise StorageError(f"Could not prepare the response cache: {e}") from e
+
+    def cached_response(self, key: str) -> CachedResponse | None:
+        """The stored response for a call key, if any."""
+        doc = self._response_cache.find_one({"key": key})
+        if doc is None:
+            return None
+        return CachedResponse(
+            key=doc["key"],
+            model=doc.get("model") or "",
+            text=doc.get("text") or "",
+            prompt_tokens=int(doc.get("prompt_tokens") or 0),
+            completion_tokens=int(doc.get("completion_tokens") or 0),
+            latency=float(doc.get("latency") or 0.0),
+            finish_reason=doc.get("finish_reason"),
+        )
+
+    def cache_response(self, response: CachedResponse) -> bool:
+        """Store a response unless its key has one already; True when written."""
+        doc = dataclasses.asdict(response) | {"created_at": now(), "creator": self.user}
+        try:
+            result = self._response_cache.update_one(
+                {"key": response.key}, {"$setOnInsert": doc}, upsert=True
+            )
+        except DuplicateKeyError:  # another process stored the same key in between
+            return False
+        return result.upserted_id is not None
+
+    def count_cached_responses(self) -> int:
+        """Responses the cache holds."""
+        return self._response_cache.count_documents({})
 
 
 TALLY_RELEASED = "released"

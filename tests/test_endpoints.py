@@ -49,7 +49,8 @@ def test_adaptive_concurrency_settles_on_the_servers_cap(cli, db, tmp_path: Path
     with FakeLLMServer(models={"m1"}, latency=0.05) as server:
         server.cap = 6
         yaml = write_experiment(
-            tmp_path / "exp.yaml", f"{{model: m1, provider: openai, base_url: '{server.openai_url}'}}"
+            tmp_path / "exp.yaml",
+            f"{{model: m1, provider: openai, base_url: '{server.openai_url}'}}",
         )
         grid = "--messages 6 --days 1 --repetitions 36 --concurrency 24 --plain".split()
         result = cli("run", yaml, *grid, env=FAST)

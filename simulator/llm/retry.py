@@ -147,7 +147,9 @@ class EndpointLimit:
                     self._overloaded_at = min(self.limit, self.in_flight + 1.0)
                     self.limit = max(1.0, self._overloaded_at * self.BACKOFF)
                     self._cut_at = self._started
-                    log.info("%s overloaded: now at most %d calls in flight", self.key, self.current)
+                    log.info(
+                        "%s overloaded: now at most %d calls in flight", self.key, self.current
+                    )
             self._note()
             self._cond.notify_all()
 
