@@ -135,11 +135,12 @@ class EndpointLimit:
             saturated = self.in_flight >= self.current
             self.in_flight -= 1
             if outcome is Outcome.OK and saturated and self.limit < self.maximum:
-                near = self._overloaded_at is not None and self.limit >= self._overloaded_at - 1
-                if self._overloaded_at is None:
-                    step = 1.0  # slow start: the limit doubles every window
-                else:
-                    step = 1.0 / self.limit / (4 if near else 1)
+                last = self._overloaded_at
+                # Slow start (the limit doubles every window) until the first overload; then
+                # one more per window, four times slower within one of the level that failed.
+                step = (
+                    1.0 if last is None else 1.0 / self.limit / (4 if self.limit >= last - 1 else 1)
+                )
                 self.limit = min(float(self.maximum), self.limit + step)
             elif outcome is Outcome.OVERLOAD:
                 self.overloads += 1
