@@ -503,6 +503,11 @@ def run(
     out.print(display.grid_table(grid))
     out.print(f"{grid.size()} conversations, at least {grid.llm_calls()} LLM calls.")
     if dry_run:
+        from simulator.estimate import estimate
+
+        history = store.reply_lengths(exp.id) if store is not None and exp.id else None
+        for line in estimate(exp, grid, history).lines():
+            out.print(line, markup=False, highlight=False)
         return
     assert store is not None
     manual = "manual" in grid.speakers

@@ -50,6 +50,7 @@ from simulator.errors import (
     StorageError,
     UserError,
 )
+from simulator.estimate import ReplyLengths
 from simulator.experiment import Experiment, ModelSpec, experiment_from_dict, experiment_to_dict
 from simulator.grid import Grid
 from simulator.llm.cache import CachedResponse
@@ -1794,6 +1795,36 @@ class Store:
     def count_cached_responses(self) -> int:
         """Responses the cache holds."""
         return self._response_cache.count_documents({})
+
+    # --- usage history (issue 13): what earlier conversations used, for `run --dry-run` ------
+
+    def reply_lengths(self, experiment_id: str, limit: int = 500) -> dict[str, ReplyLengths]:
+        """Average completion tokens per call of the experiment's latest completed
+        conversations (at most `limit`), by LLM label and kind of call."""
+        sums: dict[str, dict[str, list[int]]] = {}
+        counts: dict[str, int] = {}
+        cursor = (
+            self._conversations.find(
+                {"experiment_id": experiment_id, "status": ConversationStatus.COMPLETED.value},
+                {"llm.label": 1, "usage": 1},
+            )
+            .sort("created_at", -1)
+            .limit(limit)
+        )
+        for doc in cursor:
+            label = str((doc.get("llm") or {}).get("label") or "")
+            counts[label] = counts.get(label, 0) + 1
+            for kind, usage in (doc.get("usage") or {}).items():
+                pair = sums.setdefault(label, {}).setdefault(kind, [0, 0])
+                pair[0] += int((usage or {}).get("completion_tokens") or 0)
+                pair[1] += int((usage or {}).get("calls") or 0)
+        return {
+            label: ReplyLengths(
+                conversations=counts[label],
+                per_call={k: tokens / calls for k, (tokens, calls) in kinds.items() if calls},
+            )
+            for label, kinds in sums.items()
+        }
 
 
 TALLY_RELEASED = "released"

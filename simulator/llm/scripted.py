@@ -128,3 +128,12 @@ class ScriptedModel:
                 return names[digest[0] % len(names)]
         count = 1 + digest[1] % 3
         return " ".join(_SENTENCES[b % len(_SENTENCES)] for b in digest[2 : 2 + count])
+
+
+def typical_reply_words(spec: ModelSpec) -> float:
+    """The average length in words (its tokens) of this scripted model's replies: of its
+    `replies:`, else of a babble reply (one to three sentences, two on average)."""
+    replies = [str(r) for r in spec.extra.get("replies", [])]
+    if replies:
+        return sum(len(r.split()) for r in replies) / len(replies)
+    return 2 * sum(len(s.split()) for s in _SENTENCES) / len(_SENTENCES)
