@@ -51,6 +51,20 @@ OVERHEAD_TARGET_MS = 3.0
 RSS_TARGET_MB = 300.0
 
 
+def prison_scenario() -> Any:
+    """The shipped prison experiment reduced to its first scenario (the first level of every
+    factor, no factors, no scorers): its real prompts, one grid cell per condition."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from dataclasses import replace
+
+    from simulator.experiment import apply_levels, load_experiment
+
+    exp = load_experiment(ROOT / "experiments" / "prison.yaml")
+    first = {name: levels[0] for name, levels in exp.factor_levels().items()}
+    return replace(apply_levels(exp, first), factors=[], scorers={})
+
+
 @dataclass
 class RunSpec:
     name: str
@@ -341,7 +355,9 @@ class Bench:
 
     def _write_experiment(self, provider: str) -> Path:
         """The prison experiment (real prompts) with one LLM: the fake server."""
-        exp = yaml.safe_load((ROOT / "experiments" / "prison.yaml").read_text())
+        from simulator.experiment import experiment_to_dict
+
+        exp = experiment_to_dict(prison_scenario())
         url = f"http://127.0.0.1:{self.server.port}"
         if provider == "openai":
             llm = {"model": MODEL, "provider": "openai", "base_url": f"{url}/v1"}

@@ -16,6 +16,7 @@ from simulator.grid import make_grid
 from simulator.runner import RunOptions, start_batch
 from simulator.scoring.annotation import export_sheet, import_sheet
 from simulator.store import Store
+from tests.scenarios import PRISON_ONE
 
 ROOT = Path(__file__).resolve().parent.parent
 SCORERS = ROOT / "experiments" / "prison-scorers.yaml"
@@ -25,7 +26,7 @@ SCORERS = ROOT / "experiments" / "prison-scorers.yaml"
 def stored(db):
     """Four scripted prison conversations of 6 messages."""
     store = Store.open(db, "alice")
-    exp = store.insert_experiment(load_experiment(ROOT / "experiments" / "prison.yaml"))
+    exp = store.insert_experiment(load_experiment(PRISON_ONE))
     grid = make_grid(
         exp, llms=["scripted"], messages=6, days=1, agents="guard=1,prisoner=2",
         speakers=["round_robin"], repetitions=4,

@@ -198,10 +198,12 @@ def _dead_pid() -> int:
 
 def test_liveness_follows_the_lease_in_the_servers_time(db, tmp_path):
     store = Store.open(db, "alice")
-    with FakeLLMServer(models={"m1"}, latency=0.05) as server:
+    # A short lease (1 s, a heartbeat every third of it) over a run of ~2.6 s of calls: long
+    # enough for several heartbeats, and a loaded machine's stalls stay under the lease.
+    with FakeLLMServer(models={"m1"}, latency=0.1) as server:
         exp = experiment(store, tmp_path, openai_llm(server))
-        g = grid(exp, messages=6, days=1, repetitions=2)
-        opts = options(lease_seconds=0.3)
+        g = grid(exp, messages=12, days=1, repetitions=2)
+        opts = options(lease_seconds=1.0)
         thread, out = in_thread(lambda: start_batch(store, exp, g, opts))
         wait_for(lambda: db.batches.count_documents({}) == 1, "the batch")
         batch_id = db.batches.find_one()["_id"]
@@ -211,7 +213,7 @@ def test_liveness_follows_the_lease_in_the_servers_time(db, tmp_path):
         while thread.is_alive():
             batch = store.get_batch(batch_id)
             if batch.status == "running":
-                # held and fresh for the whole run, though the lease lasts only 0.3 s: the
+                # held and fresh for the whole run, though the lease lasts only 1 s: the
                 # heartbeat is refreshed (and adds the running time as it goes)
                 assert batch.runner_alive is True and batch.shown_status == "running"
                 assert batch.holder is not None and batch.holder.pid == os.getpid()

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +18,9 @@ from simulator.cli import app
 from simulator.conversation import Message, Usage
 from simulator.llm import scripted
 from simulator.store import Store
+from tests.scenarios import PRISON_ONE
 
-PRISON = str(Path(__file__).resolve().parent.parent / "experiments" / "prison.yaml")
+PRISON = str(PRISON_ONE)
 GRID = ["--llm", "scripted", "--messages", "6", "--days", "2", "--repetitions", "3", "--plain"]
 
 
