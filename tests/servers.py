@@ -10,7 +10,8 @@ sequences, `fail_rate` for a seeded random share of chat calls, `down = True` to
 connection (or answer 503 with `down_mode="503"`), `hang = True` to take chat calls and
 never answer them (they are counted; `stop()` lets them go), `cap = N` to answer 429 at once
 to a chat call that arrives while N others are being worked on (a server's capacity:
-`arrivals` records each call's time, the calls in flight with it, and whether it was refused).
+`arrivals` records each call's time, the chat calls in flight with it (itself and those
+being refused included), and whether it was refused).
 """
 
 from __future__ import annotations
@@ -179,7 +180,8 @@ class FakeLLMServer:
             self._admitted.flag = False
             if self.cap is not None:
                 refused = self.working >= self.cap
-                self.arrivals.append((time.monotonic(), self.working + 1, refused))
+                # In flight with it: every chat call being handled, refused ones included.
+                self.arrivals.append((time.monotonic(), self.in_flight, refused))
                 if refused:
                     return CAP_REFUSED
                 self.working += 1
