@@ -530,6 +530,7 @@ def resume(
     concurrency: int | None = CONCURRENCY_OPTION,
     max_failures: str | None = MAX_FAILURES_OPTION,
     plain: bool = PLAIN_OPTION,
+    cache: bool = CACHE_OPTION,
 ) -> None:
     """Continue an interrupted batch after the last stored message of each conversation."""
     store = open_store()
@@ -540,7 +541,10 @@ def resume(
         batch = latest.id
     manual = "manual" in store.get_batch(batch).grid.speakers
     options = run_options(concurrency, max_failures, plain, manual=manual)
+    options.cache = ResponseCache(store) if cache else None
     report = execute(store, lambda o: resume_batch(store, batch, o), options, plain or manual)
+    if options.cache is not None:
+        out.print(options.cache.summary(), highlight=False)
     finish(store, report)
 
 

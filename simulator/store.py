@@ -53,7 +53,6 @@ from simulator.errors import (
 from simulator.estimate import ReplyLengths
 from simulator.experiment import Experiment, ModelSpec, experiment_from_dict, experiment_to_dict
 from simulator.grid import Grid
-from simulator.llm.cache import CachedResponse
 from simulator.quality import Quality
 from simulator.status import UNFINISHED, BatchStatus, ConversationStatus
 
@@ -1874,6 +1873,19 @@ def _batch_size(doc: dict) -> int:
     """Conversations a batch holds: as its kept totals count them, else its grid's size."""
     counts = (doc.get("tally") or {}).get("counts")
     return sum(counts.values()) if counts else int(doc.get("total") or 0)
+
+
+@dataclass
+class CachedResponse:
+    """One LLM response kept by the response cache (simulator/llm/cache.py)."""
+
+    key: str
+    model: str  # the LLM's label, e.g. "openai/gpt-4o-mini" (to see what the cache holds)
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency: float = 0.0  # of the call that made it
+    finish_reason: str | None = None
 
 
 SCORE_KEY = ("conversation_id", "message", "scorer", "version", "source")

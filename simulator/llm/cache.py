@@ -16,11 +16,11 @@ import json
 import threading
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from simulator.experiment import ModelSpec
 from simulator.llm.base import ChatMessage, ChatModel, Reply
+from simulator.store import CachedResponse
 
 if TYPE_CHECKING:
     from simulator.conversation import ConversationSpec
@@ -28,19 +28,6 @@ if TYPE_CHECKING:
 
 # Provider settings that change how a call is made, not what it answers.
 _NOT_IN_KEY = ("timeout", "api_key_env", "latency", "price")
-
-
-@dataclass
-class CachedResponse:
-    """One stored LLM response."""
-
-    key: str
-    model: str  # the LLM's label, e.g. "openai/gpt-4o-mini" (to see what the cache holds)
-    text: str
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    latency: float = 0.0  # of the call that made it
-    finish_reason: str | None = None
 
 
 def conversation_scope(spec: ConversationSpec) -> dict[str, Any]:

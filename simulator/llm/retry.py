@@ -30,7 +30,7 @@ OnRetry = Callable[[ProviderError, int, float], None]
 DEFAULT_REQUEST_TIMEOUT = 120.0  # seconds one attempt may take (SIMULATOR_REQUEST_TIMEOUT)
 DEFAULT_START_CONCURRENCY = 4  # calls in flight per endpoint at first (SIMULATOR_CONCURRENCY_START)
 OVERLOAD_STATUSES = (429, 503, 504)  # answers that mean "fewer calls at once, please"
-HISTORY_LIMIT = 100_000  # changes of an endpoint's in-flight count kept for figures
+HISTORY_LIMIT = 20_000  # changes of an endpoint's in-flight count kept (bench/adaptive.py)
 
 
 @dataclass(frozen=True)
