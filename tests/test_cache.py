@@ -101,7 +101,17 @@ def test_two_repetitions_never_share_a_response(cli, db, tmp_path: Path) -> None
             "roles: {guard: {sections: {starting_prompt: You are a guard.}}}\n"
             f"llms:\n  - {{model: m1, provider: openai, base_url: '{server.openai_url}'}}\n"
         )
-        grid = ["--messages", "4", "--days", "1", "--repetitions", "3", "--concurrency", "1", "--plain"]
+        grid = [
+            "--messages",
+            "4",
+            "--days",
+            "1",
+            "--repetitions",
+            "3",
+            "--concurrency",
+            "1",
+            "--plain",
+        ]
         result = cli("run", str(yaml), *grid, "--cache")
         assert result.exit_code == 0, result.output
         calls = server.calls

@@ -52,7 +52,17 @@ def test_adaptive_concurrency_settles_on_the_servers_cap(cli, db, tmp_path: Path
             tmp_path / "exp.yaml",
             f"{{model: m1, provider: openai, base_url: '{server.openai_url}'}}",
         )
-        grid = ["--messages", "6", "--days", "1", "--repetitions", "36", "--concurrency", "24", "--plain"]
+        grid = [
+            "--messages",
+            "6",
+            "--days",
+            "1",
+            "--repetitions",
+            "36",
+            "--concurrency",
+            "24",
+            "--plain",
+        ]
         result = cli("run", yaml, *grid, env=FAST)
         arrivals = list(server.arrivals)
     assert result.exit_code == 0, result.output
@@ -75,7 +85,17 @@ def test_calls_are_spread_over_the_base_urls_of_an_llm(cli, db, tmp_path: Path) 
             tmp_path / "exp.yaml",
             f"{{model: m1, provider: openai, base_url: ['{a.openai_url}', '{b.openai_url}']}}",
         )
-        grid = ["--messages", "4", "--days", "1", "--repetitions", "12", "--concurrency", "2", "--plain"]
+        grid = [
+            "--messages",
+            "4",
+            "--days",
+            "1",
+            "--repetitions",
+            "12",
+            "--concurrency",
+            "2",
+            "--plain",
+        ]
         result = cli("run", yaml, *grid, env=FAST)
         calls = (a.calls, b.calls)
         peaks = (a.peak_in_flight, b.peak_in_flight)
