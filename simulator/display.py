@@ -288,12 +288,21 @@ def experiments_table(rows: Sequence[ExperimentRow]) -> ExperimentsTable:
 def conversations_table(records: Sequence[ConversationRecord]) -> Table:
     table = Table()
     factors = list(dict.fromkeys(k for r in records for k in r.spec.factors))
-    for col in ("id", "batch", "LLM", "msgs", "days", "agents", "speaker", "rep", *factors):
+    # More than two factors do not fit a terminal as columns: one "levels" column, its
+    # order named in the caption (e.g. yes/no/escape/bad/good).
+    joined = len(factors) > 2
+    level_columns = ["levels"] if joined else factors
+    if joined:
+        table.caption = "levels: " + "/".join(factors)
+    for col in ("id", "batch", "LLM", "msgs", "days", "agents", "speaker", "rep"):
         table.add_column(col, no_wrap=True)
-    table.add_column("status")
-    table.add_column("usable")  # the quality verdict, once completed
+    for col in level_columns:
+        table.add_column(col, overflow="fold")
+    table.add_column("status", min_width=9)
+    table.add_column("usable", min_width=6)  # the quality verdict, once completed
     for r in records:
         s = r.spec
+        levels = [s.factors.get(f, "") for f in factors]
         table.add_row(
             r.id[:8],
             (r.batch_id or "")[:8],
@@ -303,7 +312,7 @@ def conversations_table(records: Sequence[ConversationRecord]) -> Table:
             ",".join(f"{k}={v}" for k, v in s.agents.items()),
             s.speaker,
             str(s.repetition),
-            *(s.factors.get(f, "") for f in factors),
+            *(["/".join(levels)] if joined else levels),
             r.status + (f": {r.error[:40]}" if r.error else ""),
             "" if r.quality is None else ("yes" if r.quality.usable else "[red]no[/]"),
         )

@@ -371,3 +371,18 @@ def test_factor_flag_errors_name_the_factors_and_levels(cli, factorial):
     assert "risks=yes,no; goal=yard,escape; guard_personality=good,bad,blank" in unknown.output
     level = cli("run", str(factorial), "--factor", "goal=home", "--dry-run", ok=False)
     assert "factor 'goal' has no level 'home'; its levels: yard, escape" in level.output
+
+
+def test_the_listing_of_a_three_factor_batch_fits_with_its_levels_and_status(cli, factorial):
+    """Three factors as separate columns squeezed `status` and `usable` out of an 80-column
+    listing: they share one `levels` column, named in the caption."""
+    cli("run", str(factorial), "--llm", "scripted", "--messages", "2", "--days", "1",
+        "--agents", "guard=1,prisoner=1", "--plain", "--factor", "guard_personality=bad")  # fmt: skip
+    out = cli("conversations", "factorial", "--limit", "0").output
+    rows = [line for line in out.splitlines() if "scripted" in line]
+    assert len(rows) == 4
+    assert all("completed" in row for row in rows), out
+    assert "levels: risks/goal/guard_personality" in out
+    assert {"yes/yard/bad", "no/escape/bad"} <= {
+        cell.strip() for row in rows for cell in row.split("│")
+    }, out
