@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from simulator.experiment import Experiment, load_experiment, save_experiment
     from simulator.grid import make_grid
     from simulator.importing import check_experiment_file, import_experiment
+    from simulator.llm.cache import ResponseCache
     from simulator.runner import (
         BatchReport,
         RunOptions,
@@ -58,6 +59,7 @@ else:
     resume_batch = lazy_function("simulator.runner", "resume_batch")
     start_batch = lazy_function("simulator.runner", "start_batch")
     duplicate_experiment = lazy_function("simulator.store", "duplicate_experiment")
+    ResponseCache = lazy_function("simulator.llm.cache", "ResponseCache")
 
 # At exit the interpreter's last garbage collections walk every object the imports made:
 # for a command that loaded pymongo and rich, 0.3 s of CPU (issue 14). Freezing them first
@@ -467,6 +469,12 @@ MAX_COST_OPTION = typer.Option(
     help="Like --max-tokens, for the cost by the prices in SIMULATOR_PRICES "
     "(MODEL=PROMPT/COMPLETION per 1M tokens; ...).",
 )
+CACHE_OPTION = typer.Option(
+    False,
+    "--cache",
+    help="Reuse stored LLM responses for identical calls (same model, URL, messages, "
+    "sampling, seed and repetition) and store new ones.",
+)
 
 
 @app.command()
@@ -529,6 +537,7 @@ def run(
     score: bool = typer.Option(
         False, "--score", help="Then score the batch with the experiment's scorers."
     ),
+    cache: bool = CACHE_OPTION,
 ) -> None:
     """Run a batch: every combination of the grid options, each stored as it happens."""
     check_experiment_file(Path(experiment))  # a directory is refused before connecting
@@ -552,16 +561,29 @@ def run(
     out.print(display.grid_table(grid))
     out.print(f"{grid.size()} conversations, at least {grid.llm_calls()} LLM calls.")
     if dry_run:
+        from simulator.estimate import estimate
+        from simulator.pricing import parse_prices
+        from simulator.settings import load_settings
+
+        history = store.reply_lengths(exp.id) if store is not None and exp.id else None
+        prices = parse_prices(load_settings().prices)
+        for line in estimate(exp, grid, history, prices=prices).lines():
+            out.print(line, markup=False, highlight=False)
         return
     assert store is not None
     manual = "manual" in grid.speakers
     options = run_options(
         concurrency, max_failures, plain, manual=manual, max_tokens=max_tokens, max_cost=max_cost
     )
+    options.cache = ResponseCache(store) if cache else None
     report = execute(store, lambda o: start_batch(store, exp, grid, o), options, plain or manual)
+    if options.cache is not None:
+        out.print(options.cache.summary(), highlight=False)
     finish(store, report)
     if score:  # issue 11: only a completed batch gets here
-        cli_scoring.score_ref(report.batch_id, None, [], None, concurrency, max_failures)
+        cli_scoring.score_ref(
+            report.batch_id, None, [], None, concurrency, max_failures, cache=cache
+        )
 
 
 @app.command()
@@ -573,6 +595,7 @@ def resume(
     max_tokens: int | None = MAX_TOKENS_OPTION,
     max_cost: float | None = MAX_COST_OPTION,
     plain: bool = PLAIN_OPTION,
+    cache: bool = CACHE_OPTION,
 ) -> None:
     """Continue an interrupted batch after the last stored message of each conversation."""
     store = open_store()
@@ -585,7 +608,10 @@ def resume(
     options = run_options(
         concurrency, max_failures, plain, manual=manual, max_tokens=max_tokens, max_cost=max_cost
     )
+    options.cache = ResponseCache(store) if cache else None
     report = execute(store, lambda o: resume_batch(store, batch, o), options, plain or manual)
+    if options.cache is not None:
+        out.print(options.cache.summary(), highlight=False)
     finish(store, report)
 
 

@@ -66,10 +66,15 @@ def score_command(
         metavar="N|FRACTION",
         help="Stop after this many failed items (count, or fraction like 0.2; default 10%).",
     ),
+    cache: bool = typer.Option(
+        False, "--cache", help="Reuse stored judge responses for identical calls; store new ones."
+    ),
 ) -> None:
     """Score stored conversations; only items without a score are scored (resume = rerun)."""
     friendly(check_concurrency)(concurrency)  # before connecting or resolving REF
-    friendly(score_ref)(ref, scorer, where or [], scorers_file, concurrency, max_failures)
+    friendly(score_ref)(
+        ref, scorer, where or [], scorers_file, concurrency, max_failures, cache=cache
+    )
 
 
 def score_ref(
@@ -79,12 +84,14 @@ def score_ref(
     scorers_file: Path | None,
     concurrency: int | None,
     max_failures: str | None,
+    *,
+    cache: bool = False,
 ) -> None:
     from simulator.scoring.run import select_conversations
 
     store = open_store()
     exp, records = select_conversations(store, ref, parse_where(where))
-    run_scorers(store, exp, records, names, scorers_file, concurrency, max_failures)
+    run_scorers(store, exp, records, names, scorers_file, concurrency, max_failures, cache=cache)
 
 
 def check_concurrency(concurrency: int | None) -> None:
@@ -103,10 +110,13 @@ def run_scorers(
     scorers_file: Path | None,
     concurrency: int | None = None,
     max_failures: str | None = None,
+    *,
+    cache: bool = False,
 ) -> None:
     """Score and print the report (shared by `score` and `run --score`)."""
     from rich.progress import Progress
 
+    from simulator.llm.cache import ResponseCache
     from simulator.runner import retry_policy
     from simulator.scoring.definition import choose, load_scorers_file
     from simulator.scoring.run import ScoreOptions, ScoreProgress, ScoringRun, plan, scorers_for
@@ -141,6 +151,7 @@ def run_scorers(
             max_failures=max_failures,
             retry=retry_policy(settings),
             on_progress=on_progress,
+            cache=ResponseCache(store) if cache else None,
         )
         items, already = plan(store, exp, records, scorers)
         report = ScoringRun(store, exp, scorers, options).run(items, already)
@@ -149,6 +160,8 @@ def run_scorers(
 
     for line, problem in display.score_report_lines(report, [s.name for s in scorers], again):
         (err if problem else out).print(line, markup=False)
+    if options.cache is not None:
+        out.print(options.cache.summary(), highlight=False)
     if report.reason or report.interrupted:
         raise typer.Exit(1)
 

@@ -27,13 +27,23 @@ class ProviderError(SimulatorError):
     """An LLM call failed.
 
     ``retryable`` marks faults worth retrying (connection errors, timeouts, 429, 5xx);
-    ``retry_after`` carries a server's Retry-After in seconds when it sent one.
+    ``retry_after`` carries a server's Retry-After in seconds when it sent one;
+    ``overloaded`` marks an endpoint past its capacity (429, 503, 504, a timeout), so the
+    retry wrapper lowers its in-flight limit.
     """
 
-    def __init__(self, message: str, *, retryable: bool = False, retry_after: float | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        overloaded: bool = False,
+    ):
         super().__init__(message)
         self.retryable = retryable
         self.retry_after = retry_after
+        self.overloaded = overloaded
 
 
 class ProviderUnavailable(ProviderError, UserError):

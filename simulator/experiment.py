@@ -44,7 +44,9 @@ class ModelSpec:
     seed: int | None = None
     context_length: int | None = None
     max_tokens: int | None = None
-    base_url: str | None = None  # endpoint override (Ollama host, OpenAI-compatible base URL)
+    # Endpoint override (Ollama host, OpenAI-compatible base URL), or a list of them: servers
+    # behind the same model, over which calls are spread.
+    base_url: str | list[str] | None = None
     # provider-specific settings: scripted `replies`/`rule`, llamacpp `path`, `repeat_penalty` ...
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -58,6 +60,17 @@ class ModelSpec:
     def label(self) -> str:
         """Short unique name: `provider/model`."""
         return f"{self.provider}/{self.model}"
+
+    def base_urls(self) -> list[str | None]:
+        """Each endpoint this LLM is called at (None: the provider's default)."""
+        if isinstance(self.base_url, list):
+            return list(self.base_url) or [None]
+        return [self.base_url]
+
+    @property
+    def url(self) -> str | None:
+        """The base URL of an LLM with one endpoint (the first of a list)."""
+        return self.base_urls()[0]
 
     def sampling(self) -> dict[str, Any]:
         """The sampling parameters that are set (stored with every conversation)."""
@@ -163,7 +176,12 @@ _SAMPLING_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("seed", lambda v: _is_int(v), "a whole number"),
     ("context_length", lambda v: _is_int(v) and v > 0, "a positive whole number of tokens"),
     ("max_tokens", lambda v: _is_int(v) and v > 0, "a positive whole number of tokens"),
-    ("base_url", lambda v: isinstance(v, str) and v != "", "a URL, e.g. http://localhost:11434"),
+    (
+        "base_url",
+        lambda v: _is_url(v) or (isinstance(v, list) and v != [] and all(map(_is_url, v))),
+        "a URL, e.g. http://localhost:11434, or a list of URLs of servers with the same model, "
+        "e.g. [http://gpu1:8000/v1, http://gpu2:8000/v1]",
+    ),
 )
 
 
@@ -480,6 +498,10 @@ def _optional_llm(value: Any, path: str, source: str) -> ModelSpec | None:
     return None if value is None else _llm(value, path, source)
 
 
+def _is_url(value: Any) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -499,6 +521,9 @@ def _llm_problems(spec: ModelSpec, path: str) -> list[str]:
         value = getattr(spec, key)
         if value is not None and not ok(value):
             problems.append(f"{path}.{key}: {value!r} is not allowed; use {allowed} ({spec.label})")
+    if isinstance(spec.base_url, list) and len(set(spec.base_url)) < len(spec.base_url):
+        twice = next(u for u in spec.base_url if spec.base_url.count(u) > 1)
+        problems.append(f"{path}.base_url: lists {twice} twice; give each server once")
     timeout = spec.extra.get("timeout")
     if timeout is not None and not (_is_number(timeout) and timeout > 0):
         problems.append(

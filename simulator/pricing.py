@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Protocol
 from simulator.errors import UserError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from simulator.experiment import Experiment
-    from simulator.store import Store
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,15 @@ def parse_prices(text: str | None) -> dict[str, Price]:
     return prices
 
 
+class _Usage(Protocol):
+    """What batch_cost reads: Store.batch_usage_by_model (a protocol, so that the store may
+    import from modules that price things without a cycle)."""
+
+    def batch_usage_by_model(
+        self, batch_id: str, exp: Experiment
+    ) -> Iterable[tuple[str, str, int, int]]: ...
+
+
 class _Model(Protocol):
     model: str
 
@@ -83,7 +93,7 @@ def require_prices(models: Sequence[_Model], prices: dict[str, Price]) -> None:
         )
 
 
-def batch_cost(store: Store, batch_id: str, exp: Experiment, prices: dict[str, Price]) -> float:
+def batch_cost(store: _Usage, batch_id: str, exp: Experiment, prices: dict[str, Price]) -> float:
     """The cost of what a batch has stored so far, from the usage of its records."""
     total = 0.0
     for _kind, label, prompt_tokens, completion_tokens in store.batch_usage_by_model(batch_id, exp):

@@ -50,6 +50,8 @@ from simulator.errors import (
 )
 from simulator.experiment import Experiment, ModelSpec
 from simulator.grid import Grid
+from simulator.llm.base import ChatModel
+from simulator.llm.cache import ResponseCache, conversation_scope
 from simulator.llm.registry import ModelPool, endpoint_key, preflight
 from simulator.llm.retry import RetryPolicy
 from simulator.pricing import Price
@@ -131,6 +133,7 @@ class RunOptions:
     join: bool = False
     poll: float = 0.5  # seconds between looks for work while others' conversations run
     budget: Budget | None = None  # --max-tokens / --max-cost
+    cache: ResponseCache | None = None  # --cache: reuse stored LLM responses (issue 13)
 
 
 @dataclass
@@ -162,6 +165,7 @@ def retry_policy(settings: Settings) -> RetryPolicy:
         base_delay=settings.retry_base_delay,
         max_delay=settings.retry_max_delay,
         timeout=settings.request_timeout,
+        start_concurrency=settings.concurrency_start,
     )
 
 
@@ -999,10 +1003,15 @@ def _run_one(
     stored = len(done.messages) + len(done.summaries) + len(done.selector_calls) if done else 0
     notify(ProgressEvent("conversation_started", batch_id, record.id, calls_done=stored))
     llm = record.spec.llm
+    cache, scope = options.cache, conversation_scope(record.spec)
+
+    def model(spec: ModelSpec) -> ChatModel:  # --cache: answered from stored responses first
+        return cache.wrap(pool.get(spec), spec, scope) if cache else pool.get(spec)
+
     models = Models(
-        agent=pool.get(llm),
-        summarizer=pool.get(exp.summarizer.llm or llm),
-        selector=pool.get(exp.selector_llm or llm),
+        agent=model(llm),
+        summarizer=model(exp.summarizer.llm or llm),
+        selector=model(exp.selector_llm or llm),
     )
     attempts: dict[tuple[int, int], int] = {}
     if done:

@@ -59,6 +59,7 @@ class Settings:
     db_timeout_ms: int = 5000
     prompts_dir: Path | None = None  # None = the templates shipped with the project
     concurrency: int | None = None  # None = the provider's default
+    concurrency_start: int = 4  # requests in flight per endpoint at first; then it adapts
     retry_attempts: int = 5  # attempts per LLM call in all (retries = attempts - 1)
     retry_base_delay: float = 0.5  # seconds before the first retry; doubles each time
     retry_max_delay: float = 30.0  # cap on one wait; a longer Retry-After fails the call
@@ -284,6 +285,7 @@ _VARIABLES: dict[str, tuple[str, type]] = {
     "db_timeout_ms": ("SIMULATOR_DB_TIMEOUT_MS", int),
     "prompts_dir": ("SIMULATOR_PROMPTS_DIR", Path),
     "concurrency": ("SIMULATOR_CONCURRENCY", int),
+    "concurrency_start": ("SIMULATOR_CONCURRENCY_START", int),
     "retry_attempts": ("SIMULATOR_RETRY_ATTEMPTS", int),
     "retry_base_delay": ("SIMULATOR_RETRY_BASE_DELAY", float),
     "retry_max_delay": ("SIMULATOR_RETRY_MAX_DELAY", float),
@@ -296,6 +298,7 @@ _MINIMUM = {
     "embedded_port": 0,
     "db_timeout_ms": 1,
     "concurrency": 1,
+    "concurrency_start": 1,
     "retry_attempts": 1,
     "retry_base_delay": 0,
     "retry_max_delay": 0,

@@ -51,6 +51,7 @@ from simulator.errors import (
     StorageError,
     UserError,
 )
+from simulator.estimate import ReplyLengths
 from simulator.experiment import Experiment, ModelSpec, experiment_from_dict, experiment_to_dict
 from simulator.grid import Grid
 from simulator.quality import Quality
@@ -2292,6 +2293,82 @@ class Store:
             query["batch_id"] = batch_id
         return [_score(d) for d in self._scores.find(query, {"prompt": 0, "raw": 0})]
 
+    # --- response cache (issue 13): LLM responses reused with --cache ---------------------
+    # One document per call key (simulator/llm/cache.py: model, base URL, messages, sampling,
+    # the caller's scope with its seed and repetition): unique by key, written once; a second
+    # writer of the same key (another worker) changes nothing.
+
+    @property
+    def _response_cache(self) -> pymongo.collection.Collection:
+        return self._db["response_cache"]
+
+    def prepare_response_cache(self) -> None:
+        """Create the cache's unique index (once per run that uses the cache)."""
+        try:
+            self._response_cache.create_index([("key", 1)], unique=True)
+        except PyMongoError as e:
+            raise StorageError(f"Could not prepare the response cache: {e}") from e
+
+    def cached_response(self, key: str) -> CachedResponse | None:
+        """The stored response for a call key, if any."""
+        doc = self._response_cache.find_one({"key": key})
+        if doc is None:
+            return None
+        return CachedResponse(
+            key=doc["key"],
+            model=doc.get("model") or "",
+            text=doc.get("text") or "",
+            prompt_tokens=int(doc.get("prompt_tokens") or 0),
+            completion_tokens=int(doc.get("completion_tokens") or 0),
+            latency=float(doc.get("latency") or 0.0),
+            finish_reason=doc.get("finish_reason"),
+        )
+
+    def cache_response(self, response: CachedResponse) -> bool:
+        """Store a response unless its key has one already; True when written."""
+        doc = dataclasses.asdict(response) | {"created_at": now(), "creator": self.user}
+        try:
+            result = self._response_cache.update_one(
+                {"key": response.key}, {"$setOnInsert": doc}, upsert=True
+            )
+        except DuplicateKeyError:  # another process stored the same key in between
+            return False
+        return result.upserted_id is not None
+
+    def count_cached_responses(self) -> int:
+        """Responses the cache holds."""
+        return self._response_cache.count_documents({})
+
+    # --- usage history (issue 13): what earlier conversations used, for `run --dry-run` ------
+
+    def reply_lengths(self, experiment_id: str, limit: int = 500) -> dict[str, ReplyLengths]:
+        """Average completion tokens per call of the experiment's latest completed
+        conversations (at most `limit`), by LLM label and kind of call."""
+        sums: dict[str, dict[str, list[int]]] = {}
+        counts: dict[str, int] = {}
+        cursor = (
+            self._conversations.find(
+                {"experiment_id": experiment_id, "status": ConversationStatus.COMPLETED.value},
+                {"llm.label": 1, "usage": 1},
+            )
+            .sort("created_at", -1)
+            .limit(limit)
+        )
+        for doc in cursor:
+            label = str((doc.get("llm") or {}).get("label") or "")
+            counts[label] = counts.get(label, 0) + 1
+            for kind, usage in (doc.get("usage") or {}).items():
+                pair = sums.setdefault(label, {}).setdefault(kind, [0, 0])
+                pair[0] += int((usage or {}).get("completion_tokens") or 0)
+                pair[1] += int((usage or {}).get("calls") or 0)
+        return {
+            label: ReplyLengths(
+                conversations=counts[label],
+                per_call={k: tokens / calls for k, (tokens, calls) in kinds.items() if calls},
+            )
+            for label, kinds in sums.items()
+        }
+
 
 TALLY_RELEASED = "released"
 TALLY_CHECKED = "checked:"
@@ -2340,6 +2417,19 @@ def _batch_size(doc: dict) -> int:
     """Conversations a batch holds: as its kept totals count them, else its grid's size."""
     counts = (doc.get("tally") or {}).get("counts")
     return sum(counts.values()) if counts else int(doc.get("total") or 0)
+
+
+@dataclass
+class CachedResponse:
+    """One LLM response kept by the response cache (simulator/llm/cache.py)."""
+
+    key: str
+    model: str  # the LLM's label, e.g. "openai/gpt-4o-mini" (to see what the cache holds)
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency: float = 0.0  # of the call that made it
+    finish_reason: str | None = None
 
 
 SCORE_KEY = ("conversation_id", "message", "scorer", "version", "source")

@@ -8,7 +8,10 @@
 Loopback only (127.0.0.1, a free port). Fault injection: `fail_next(429, 500)` for exact
 sequences, `fail_rate` for a seeded random share of chat calls, `down = True` to drop every
 connection (or answer 503 with `down_mode="503"`), `hang = True` to take chat calls and
-never answer them (they are counted; `stop()` lets them go).
+never answer them (they are counted; `stop()` lets them go), `cap = N` to answer 429 at once
+to a chat call that arrives while N others are being worked on (a server's capacity:
+`arrivals` records each call's time, the chat calls in flight with it (itself and those
+being refused included), and whether it was refused).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 ReplyFn = Callable[[dict[str, Any]], "str | tuple[str, str]"]
 
 CHAT_PATHS = ("/api/chat", "/v1/chat/completions")
+CAP_REFUSED = -429  # _enter_chat's answer for a call over the server's `cap`
 _DETAILS = {
     "format": "gguf",
     "family": "llama",
@@ -80,6 +84,10 @@ class FakeLLMServer:
         self.down = False
         self.down_mode = down_mode  # "close": drop the connection unanswered; "503": answer 503
         self.hang = False  # chat calls are received and counted, then never answered
+        self.cap: int | None = None  # chat calls worked on at once; more are refused with 429
+        self.working = 0  # chat calls admitted under `cap` whose answer is not on its way yet
+        self.arrivals: list[tuple[float, int, bool]] = []  # (time, in flight with it, refused)
+        self._admitted = threading.local()
         self._release = threading.Event()  # set by stop(): hanging handlers give up
         self.requests: list[dict[str, Any]] = []  # {"method", "path", "body", "headers"}
         self.calls = 0  # chat requests received (failed ones included)
@@ -153,6 +161,7 @@ class FakeLLMServer:
             self.requests.clear()
             self._failures.clear()
             self.calls = self.peak_in_flight = 0
+            self.arrivals.clear()
 
     # -- used by the handler --------------------------------------------------
 
@@ -168,13 +177,31 @@ class FakeLLMServer:
             self.calls += 1
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            self._admitted.flag = False
+            if self.cap is not None:
+                refused = self.working >= self.cap
+                # In flight with it: every chat call being handled, refused ones included.
+                self.arrivals.append((time.monotonic(), self.in_flight, refused))
+                if refused:
+                    return CAP_REFUSED
+                self.working += 1
+                self._admitted.flag = True
             if self._failures:
                 return self._failures.popleft()
             if self.fail_rate and self._rng.random() < self.fail_rate:
                 return self._rng.choice(self.fail_statuses)
             return None
 
+    def _answering(self) -> None:
+        """The work of an admitted call is done: it no longer counts against `cap` (before
+        the answer is sent, so a client that sends its next call at once is not refused)."""
+        with self._lock:
+            if getattr(self._admitted, "flag", False):
+                self.working -= 1
+                self._admitted.flag = False
+
     def _leave_chat(self) -> None:
+        self._answering()
         with self._lock:
             self.in_flight -= 1
 
@@ -282,12 +309,15 @@ class _Handler(BaseHTTPRequestHandler):
         fake, openai = self.fake, self.path.startswith("/v1/")
         status = fake._enter_chat()
         try:
+            if status == CAP_REFUSED:
+                return self._error(429, "too many requests in flight", openai)
             if fake.hang:
                 fake._release.wait(60)  # the client times out long before
                 self.close_connection = True
                 return
             if fake.latency:
                 time.sleep(fake.latency)
+            fake._answering()
             if status is not None:
                 headers = {}
                 if fake.retry_after is not None and status in (429, 503):
@@ -380,6 +410,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _moderations(self, body: dict[str, Any]) -> None:
         """OpenAI's /v1/moderations: every category scored by `moderation_scores(text)`."""
         status = self.fake._enter_chat()  # counted (and failed on demand) like a chat call
+        status = 429 if status == CAP_REFUSED else status
         try:
             if status is not None:
                 return self._error(status, f"injected failure {status}", openai=True)

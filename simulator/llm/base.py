@@ -23,6 +23,7 @@ class Reply:
     # Why the model stopped, as the provider says it ("stop", "length", ...; None: not
     # reported). "length" means it hit max_tokens and the text is cut off.
     finish_reason: str | None = None
+    cached: bool = False  # answered from the response cache (--cache), no LLM call made
 
 
 class ChatModel(Protocol):

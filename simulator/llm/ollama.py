@@ -15,7 +15,7 @@ import ollama
 from simulator.errors import ModelNotFound, ProviderError, ProviderUnavailable
 from simulator.experiment import ModelSpec
 from simulator.llm.base import ChatMessage, Reply
-from simulator.llm.retry import DEFAULT_REQUEST_TIMEOUT, parse_retry_after
+from simulator.llm.retry import DEFAULT_REQUEST_TIMEOUT, OVERLOAD_STATUSES, parse_retry_after
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 
@@ -49,7 +49,7 @@ class OllamaModel:
     def __init__(self, spec: ModelSpec, host: str | None = None, timeout: float | None = None):
         self.spec = spec
         self.name = spec.model
-        self.host = resolve_host(host or spec.base_url)
+        self.host = resolve_host(host or spec.url)
         self.endpoint = f"ollama:{self.host}"
         self.timeout = float(timeout or spec.extra.get("timeout") or DEFAULT_REQUEST_TIMEOUT)
         self._client_obj: ollama.Client | None = None
@@ -100,6 +100,7 @@ class OllamaModel:
                     f"Ollama at {self.host} answered {status} for {self.name}: {exc.error}",
                     retryable=True,
                     retry_after=retry_after,
+                    overloaded=status in OVERLOAD_STATUSES,
                 )
             return ProviderError(
                 f"Ollama at {self.host} refused the request for {self.name}: {exc}"
@@ -111,6 +112,7 @@ class OllamaModel:
                 f"Ollama at {self.host} did not answer within {self.timeout:g} s (raise "
                 "SIMULATOR_REQUEST_TIMEOUT, or the LLM's `timeout:`, for slow models)",
                 retryable=True,
+                overloaded=True,
             )
         if isinstance(exc, httpx.HTTPError):  # dropped connection, protocol error ...
             return ProviderError(

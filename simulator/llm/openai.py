@@ -19,7 +19,7 @@ from simulator.errors import (
 )
 from simulator.experiment import ModelSpec
 from simulator.llm.base import ChatMessage, Reply
-from simulator.llm.retry import DEFAULT_REQUEST_TIMEOUT, parse_retry_after
+from simulator.llm.retry import DEFAULT_REQUEST_TIMEOUT, OVERLOAD_STATUSES, parse_retry_after
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def unsupported_parameters(spec: ModelSpec) -> list[str]:
         out.append("top_k")
     if spec.context_length is not None:  # the server's own setting (e.g. llama.cpp --n_ctx)
         out.append("context_length")
-    if _is_openai_itself(resolve_base_url(spec.base_url)[0]):
+    if _is_openai_itself(resolve_base_url(spec.url)[0]):
         out += [k for k in EXTRA_BODY_KEYS if k in spec.extra]
     return out
 
@@ -63,7 +63,7 @@ class OpenAIModel:
     def __init__(self, spec: ModelSpec, timeout: float | None = None):
         self.spec = spec
         self.name = spec.model
-        self.base_url, self._explicit_url = resolve_base_url(spec.base_url)
+        self.base_url, self._explicit_url = resolve_base_url(spec.url)
         self.endpoint = f"openai:{self.base_url}"
         self.timeout = float(timeout or spec.extra.get("timeout") or DEFAULT_REQUEST_TIMEOUT)
         # OpenRouter and friends need their own key; default to the usual variable.
@@ -102,6 +102,7 @@ class OpenAIModel:
                 f"{where} did not answer within {self.timeout:g} s (raise "
                 "SIMULATOR_REQUEST_TIMEOUT, or the LLM's `timeout:`, for slow models)",
                 retryable=True,
+                overloaded=True,
             )
         if isinstance(exc, openai.APIConnectionError):
             return ProviderUnavailable(f"Cannot reach {where}: {exc}. Is the server running?")
@@ -127,6 +128,7 @@ class OpenAIModel:
                     f"{where} answered {status} for {self.name}: {exc.message}",
                     retryable=True,
                     retry_after=retry_after,
+                    overloaded=status in OVERLOAD_STATUSES,
                 )
             return ProviderError(f"{where} refused the request for {self.name}: {exc.message}")
         return ProviderError(f"Unexpected answer from {where}: {exc}", retryable=True)

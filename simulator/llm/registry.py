@@ -1,7 +1,9 @@
-"""Providers by name, one in-flight limit per endpoint, and the checks run before a batch."""
+"""Providers by name, one adaptive in-flight limit per endpoint (an LLM may have several),
+and the checks run before a batch."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -20,7 +22,7 @@ from simulator.errors import (
 )
 from simulator.experiment import PROVIDERS, ModelSpec
 from simulator.llm.base import ChatModel
-from simulator.llm.retry import OnRetry, RetryingModel, RetryPolicy
+from simulator.llm.retry import EndpointLimit, OnRetry, RetryingModel, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +40,23 @@ def _check_provider(spec: ModelSpec) -> None:
         )
 
 
+def split_endpoints(spec: ModelSpec) -> list[ModelSpec]:
+    """One spec per endpoint of `spec` (an LLM with a list of base URLs has several)."""
+    urls = spec.base_urls()
+    if len(urls) == 1:
+        return [spec]
+    return [dataclasses.replace(spec, base_url=url) for url in urls]
+
+
 def create_model(spec: ModelSpec, timeout: float | None = None) -> ChatModel:
-    """A new provider instance for `spec` (no I/O: clients connect on first use).
+    """A new provider instance for `spec`, which has one endpoint (see split_endpoints).
+    No I/O: clients connect on first use.
 
     `timeout`: seconds one HTTP request may take (the LLM's own `timeout:` wins). llama.cpp
     runs in this process and cannot be interrupted, so it has none.
     """
     _check_provider(spec)
+    assert len(spec.base_urls()) == 1, "one endpoint per provider instance (split_endpoints)"
     if spec.provider == "ollama":
         from simulator.llm.ollama import OllamaModel
 
@@ -63,16 +75,20 @@ def create_model(spec: ModelSpec, timeout: float | None = None) -> ChatModel:
 
 
 def endpoint_key(spec: ModelSpec) -> str:
-    """Which server a spec talks to, e.g. "ollama:http://127.0.0.1:11434"."""
+    """Which server(s) a spec talks to, e.g. "ollama:http://127.0.0.1:11434" (comma-separated
+    when it lists several base URLs)."""
     _check_provider(spec)
+    singles = split_endpoints(spec)
+    if len(singles) > 1:
+        return ",".join(endpoint_key(s) for s in singles)
     if spec.provider == "ollama":
         from simulator.llm.ollama import resolve_host
 
-        return f"ollama:{resolve_host(spec.base_url)}"
+        return f"ollama:{resolve_host(spec.url)}"
     if spec.provider == "openai":
         from simulator.llm.openai import resolve_base_url
 
-        return f"openai:{resolve_base_url(spec.base_url)[0]}"
+        return f"openai:{resolve_base_url(spec.url)[0]}"
     if spec.provider == "llamacpp":
         from simulator.llm.llamacpp import resolve_path
 
@@ -92,7 +108,7 @@ PREFLIGHT_TIMEOUT = 5.0
 
 
 class ModelPool:
-    """Hands out retrying models that share one in-flight limit per endpoint."""
+    """Hands out retrying models that share one adaptive in-flight limit per endpoint."""
 
     def __init__(
         self,
@@ -106,31 +122,52 @@ class ModelPool:
         self.concurrency = concurrency
         self.on_retry = on_retry
         self.sleep = sleep
-        self._limiters: dict[str, threading.Semaphore] = {}
+        self._limiters: dict[str, EndpointLimit] = {}
         self._models: dict[str, RetryingModel] = {}
         self._lock = threading.Lock()
+        # One condition for every endpoint: a call spread over several waits for any of them.
+        self._cond = threading.Condition()
 
-    def limit(self, spec: ModelSpec) -> int:
-        """Requests allowed in flight at once on the endpoint of `spec`."""
+    def ceiling(self, spec: ModelSpec) -> int:
+        """Requests allowed in flight at once on each endpoint of `spec` (--concurrency)."""
         return self.concurrency or DEFAULT_CONCURRENCY[spec.provider]
 
-    def limiter(self, spec: ModelSpec) -> threading.Semaphore:
-        key = endpoint_key(spec)
+    def limit(self, spec: ModelSpec) -> int:
+        """Requests allowed in flight at once over all the endpoints of `spec`."""
+        return self.ceiling(spec) * len(spec.base_urls())
+
+    def limiters(self, spec: ModelSpec) -> list[EndpointLimit]:
+        """The limit of each endpoint of `spec`, shared with every model on that endpoint."""
+        out = []
+        for single in split_endpoints(spec):
+            key = endpoint_key(single)
+            with self._lock:
+                if key not in self._limiters:
+                    self._limiters[key] = EndpointLimit(
+                        key, self.ceiling(single), self.policy.start_concurrency, self._cond
+                    )
+                out.append(self._limiters[key])
+        return out
+
+    def limiter(self, spec: ModelSpec) -> EndpointLimit:
+        """The limit of the (first) endpoint of `spec`."""
+        return self.limiters(spec)[0]
+
+    def endpoint_limits(self) -> list[EndpointLimit]:
+        """Every endpoint used so far, with its current limit and history."""
         with self._lock:
-            if key not in self._limiters:
-                self._limiters[key] = threading.BoundedSemaphore(self.limit(spec))
-            return self._limiters[key]
+            return list(self._limiters.values())
 
     def get(self, spec: ModelSpec) -> RetryingModel:
         """The shared retrying model for `spec` (created on first request)."""
-        limiter = self.limiter(spec)
+        limiters = self.limiters(spec)
         key = _instance_key(spec)
         with self._lock:
             if key not in self._models:
                 self._models[key] = RetryingModel(
-                    create_model(spec, timeout=self.policy.timeout),
+                    [create_model(s, timeout=self.policy.timeout) for s in split_endpoints(spec)],
                     self.policy,
-                    limiter,
+                    limiters,
                     sleep=self.sleep,
                     on_retry=self.on_retry,
                 )
@@ -150,7 +187,7 @@ def preflight(
     """
     endpoints: dict[str, list[ModelSpec]] = {}
     seen: set[str] = set()
-    for spec in specs:
+    for spec in (single for s in specs for single in split_endpoints(s)):
         key = _instance_key(spec)
         if key in seen:
             continue

@@ -146,3 +146,12 @@ def _judge_answers(question: str) -> list[str]:
     if m := re.search(r"number of the turn \(1 to (\d+)\)", question):
         return ["none", *(str(t) for t in range(1, int(m.group(1)) + 1))]
     return []
+
+
+def typical_reply_words(spec: ModelSpec) -> float:
+    """The average length in words (its tokens) of this scripted model's replies: of its
+    `replies:`, else of a babble reply (one to three sentences, two on average)."""
+    replies = [str(r) for r in spec.extra.get("replies", [])]
+    if replies:
+        return sum(len(r.split()) for r in replies) / len(replies)
+    return 2 * sum(len(s.split()) for s in _SENTENCES) / len(_SENTENCES)

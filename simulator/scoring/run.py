@@ -22,7 +22,8 @@ from typing import Any
 from simulator.conversation import Message, Usage
 from simulator.errors import Interrupted, ProviderError, UserError
 from simulator.experiment import Experiment, ModelSpec
-from simulator.llm.base import ChatMessage, Reply
+from simulator.llm.base import ChatMessage, ChatModel, Reply
+from simulator.llm.cache import ResponseCache
 from simulator.llm.registry import ModelPool, endpoint_key
 from simulator.llm.retry import RetryingModel, RetryPolicy
 from simulator.runner import failure_threshold
@@ -55,6 +56,7 @@ class ScoreOptions:
     stop: threading.Event = field(default_factory=threading.Event)
     grace: float = 5.0  # seconds calls in flight get once scoring stops
     on_progress: Callable[[ScoreProgress], None] | None = None
+    cache: ResponseCache | None = None  # --cache: reuse stored judge responses (issue 13)
 
 
 @dataclass
@@ -395,7 +397,10 @@ class ScoringRun:
 
     def _judge(self, item: Item) -> None:
         scorer = item.scorer
-        model = self.pool.get(scorer.judge_llm(self.exp))
+        spec = scorer.judge_llm(self.exp)
+        model: ChatModel = self.pool.get(spec)
+        if self.options.cache is not None:
+            model = self.options.cache.wrap(model, spec, {"judge": scorer.name})
         turns = len(item.messages)
         question = judge.prompt(scorer, item.messages, item.message)
         chat: list[ChatMessage] = [
