@@ -104,10 +104,15 @@ class ExportResult:
 def select(
     store: Store, ref: str, kind: str | None = None, where: dict[str, str] | None = None
 ) -> Selection:
-    """Resolve an id prefix as an experiment, a batch or a conversation (`kind` forces one);
+    """Resolve an id prefix as an experiment, a batch or a conversation (`kind` forces one),
+    or an experiment's name;
     `where` keeps the conversations with those conditions (`--where`, factors included)."""
     if kind is not None and kind not in KINDS:
         raise UserError(f"--kind {kind!r}: choose experiment, batch or conversation.")
+    if not re.fullmatch(r"[0-9a-fA-F]{1,24}", ref.strip()) and kind in (None, "experiment"):
+        _, exp, _ = store.find_experiment_or_batch(ref)  # an experiment's name
+        assert exp.id is not None
+        return _select_kind(store, exp.id, "experiment", where or {})
     if not re.fullmatch(r"[0-9a-fA-F]{1,24}", ref.strip()):
         raise UserError(
             f"'{ref}' is not an id: ids are hexadecimal, e.g. 3f2a9c01b7de. Find them with "

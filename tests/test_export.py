@@ -303,6 +303,15 @@ def test_export_command(batch, tmp_path, settings, env_for):
     assert len(pd.read_csv(folder / f"batch-{batch_id}.csv")) == 16
     assert (folder / "index.html").is_file()
 
+    # by the experiment's name, as `conversations` and `report` take it
+    named = runner.invoke(
+        app, ["export", "prison", "-f", "csv", "--out", str(out)], env=env_for(settings)
+    )
+    assert named.exit_code == 0, named.output
+    assert len(pd.read_csv(folder / f"experiment-{exp.id}.csv")) == 16
+    unknown = runner.invoke(app, ["export", "no-such-study"], env=env_for(settings))
+    assert unknown.exit_code == 1 and "No experiment" in unknown.output
+
     bad = runner.invoke(app, ["export", "ffffffffff", "--out", str(out)], env=env_for(settings))
     assert bad.exit_code == 1  # a UserError: message, no traceback
     assert isinstance(bad.exception, SystemExit)
