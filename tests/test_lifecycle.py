@@ -262,12 +262,14 @@ def test_liveness_follows_the_lease_in_the_servers_time(db, tmp_path):
 
 def test_a_runner_whose_lease_was_taken_over_stops_writing_at_once(db, tmp_path):
     store = Store.open(db, "alice")
-    # Calls last 0.6 s; the heartbeat runs every 0.05 s: the takeover is noticed long
-    # before the call in flight ends, so nothing more may be written after it.
+    # Calls last 0.6 s; the heartbeat runs every 0.1 s: the takeover is noticed long before
+    # the call in flight ends, so nothing more may be written after it. (A lease of 0.3 s,
+    # not less: a worker not heard from for its lease stops writing by itself, and a loaded
+    # machine can delay a heartbeat by more than 0.15 s.)
     with FakeLLMServer(models={"m1"}, latency=0.6) as server:
         exp = experiment(store, tmp_path, openai_llm(server))
         g = grid(exp, messages=6, days=1, repetitions=2)
-        thread, out = in_thread(lambda: start_batch(store, exp, g, options(lease_seconds=0.15)))
+        thread, out = in_thread(lambda: start_batch(store, exp, g, options(lease_seconds=0.3)))
         wait_for(lambda: db.messages.count_documents({}) >= 1, "a message", timeout=30)
         batch_id = db.batches.find_one()["_id"]
         # Another process takes the batch over (as if this one had been silent too long).
