@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from simulator.cli import app
-from simulator.errors import ValidationError
+from simulator.errors import UserError, ValidationError
 from simulator.experiment import experiment_from_yaml, load_experiment
 from simulator.grid import make_grid
 from simulator.llm.retry import RetryPolicy
@@ -380,3 +380,18 @@ def test_the_unique_index_makes_score_writes_idempotent(db):
                 "source": "judge:x",
             }  # fmt: skip
         )
+
+
+def test_a_moderation_scorer_without_a_key_is_refused_before_any_call(server, judged, monkeypatch):
+    """Without OPENAI_API_KEY and base_url, every moderation call would fail the same way
+    (one error per message until the failure threshold): refused up front instead."""
+    store, exp, batch_id = judged
+    _, records = select_conversations(store, batch_id)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    goal = [s for s in scorers_for(exp) if s.name == "goal"]
+    bare = parse_scorers({"mod": {"kind": "moderation", "level": "message"}}, "test")
+    calls_before = len(server.bodies("/v1/chat/completions"))
+    with pytest.raises(UserError, match="Scorer 'mod' .moderation.: OPENAI_API_KEY is not set"):
+        score(store, exp, records, goal + bare, ScoreOptions(retry=FAST))
+    assert len(server.bodies("/v1/chat/completions")) == calls_before  # not even the judge
+    assert store.list_scores(experiment_id=exp.id) == []

@@ -71,6 +71,10 @@ class OpenAIModel:
         self._client_obj: openai.OpenAI | None = None
         self._client_lock = threading.Lock()
 
+    def check_key(self) -> None:
+        """Refuse now (ProviderAuthError) when a call would need a key that is not set."""
+        self._api_key()
+
     def _api_key(self) -> str:
         key = os.environ.get(self.key_env)
         if key:

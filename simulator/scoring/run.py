@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from simulator.conversation import Message, Usage
-from simulator.errors import Interrupted, ProviderError, UserError
+from simulator.errors import Interrupted, ProviderAuthError, ProviderError, UserError
 from simulator.experiment import Experiment, ModelSpec
 from simulator.llm.base import ChatMessage, ChatModel, Reply
 from simulator.llm.cache import ResponseCache
@@ -261,8 +261,13 @@ class ScoringRun:
                 self.python_lock[s.name] = threading.Lock()
             elif s.kind == "moderation":
                 spec = moderation_spec(s)
+                moderator = ModerationModel(spec, timeout=self.options.retry.timeout)
+                try:
+                    moderator.client.check_key()  # not once per item, failing each
+                except ProviderAuthError as e:
+                    raise ProviderAuthError(f"Scorer '{s.name}' (moderation): {e}.") from None
                 self.moderators[s.name] = RetryingModel(
-                    ModerationModel(spec, timeout=self.options.retry.timeout),
+                    moderator,
                     self.options.retry,
                     self.pool.limiter(spec),
                     sleep=self._sleep,
