@@ -537,7 +537,8 @@ def test_the_report_menu_compares_the_chosen_condition(db, tmp_path):
     up, down, enter, space, clear = "\x1b[A", "\x1b[B", "\r", " ", "\x15"
     keys = down + enter + enter  # Select an experiment, the first one
     keys += up + up + enter  # Report (just above Back)
-    keys += space + down + space + enter  # untick the factor risks, tick LLM
+    # ticked: what varies among the stored conversations (the factor risks and the LLM)
+    keys += space + enter  # untick the factor risks
     keys += enter  # not only the usable ones
     keys += clear + str(tmp_path / "menu-report") + enter
     keys += up + enter + "\x1b" + down + down + enter  # Back, leave the list, Exit

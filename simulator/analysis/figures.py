@@ -50,9 +50,15 @@ def wrapped(title: str, width: int = 72) -> str:
 
 def render(fig: Figure) -> tuple[bytes, bytes]:
     """The figure as PNG and SVG bytes."""
+    import warnings
+
     png, svg = io.BytesIO(), io.BytesIO()
-    fig.savefig(png, format="png", dpi=120, metadata={"Software": None})
-    fig.savefig(svg, format="svg", metadata={"Date": None, "Creator": None})
+    with warnings.catch_warnings():
+        # many long condition labels: matplotlib warns on the terminal that it could not
+        # lay the axes out, and draws the figure anyway
+        warnings.simplefilter("ignore", UserWarning)
+        fig.savefig(png, format="png", dpi=120, metadata={"Software": None})
+        fig.savefig(svg, format="svg", metadata={"Date": None, "Creator": None})
     return png.getvalue(), svg.getvalue()
 
 

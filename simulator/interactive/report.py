@@ -16,9 +16,13 @@ def ask_report(store: Store, q: Questions, exp: Experiment) -> None:
     from simulator.analysis.report import write_report
     from simulator.export import safe_name
 
-    choices = [Choice(f"factor {f.name} ({', '.join(f.levels)})", f.name, checked=True)
+    # Ticked: what varies among the stored conversations (as `simulator report` without --by)
+    records = store.list_conversations(experiment_id=exp.id, message_counts=False)
+    levels = {f.name: {r.spec.factors.get(f.name) for r in records} for f in exp.factors}
+    choices = [Choice(f"factor {f.name} ({', '.join(f.levels)})", f.name,
+                      checked=len(levels[f.name]) > 1)
                for f in exp.factors]  # fmt: skip
-    choices.append(Choice("LLM", "llm", checked=not exp.factors and len(exp.llms) > 1))
+    choices.append(Choice("LLM", "llm", checked=len({r.spec.llm.label for r in records}) > 1))
     choices += [Choice(c.replace("_", " "), c) for c in CONDITIONS[1:]]
     choices += [Choice(f"agents per role: {r.name}", f"agents_{r.name}") for r in exp.roles]
     by = q.checkbox("Compare which conditions? (none: all conversations together)", choices)
