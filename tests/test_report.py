@@ -505,14 +505,16 @@ def test_the_page_in_headless_chromium(study, tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/report.html"
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-             "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+             "--no-first-run",
              # nothing but the page's own server is reachable
              "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]  # fmt: skip
+    # a profile per run: with a shared one, the second run may read the page from its cache
     try:
-        dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True,
-                             timeout=90, check=True).stdout  # fmt: skip
+        dom = subprocess.run([*flags, f"--user-data-dir={tmp_path / 'dom'}", "--dump-dom", url],
+                             capture_output=True, text=True, timeout=90, check=True).stdout  # fmt: skip
         shot = tmp_path / "report.png"
-        subprocess.run([*flags, "--window-size=1200,3000", f"--screenshot={shot}", url],
+        subprocess.run([*flags, f"--user-data-dir={tmp_path / 'shot'}",
+                        "--window-size=1200,3000", f"--screenshot={shot}", url],
                        capture_output=True, timeout=90, check=True)  # fmt: skip
     finally:
         server.shutdown()
