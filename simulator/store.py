@@ -8,6 +8,7 @@ index), so repeating a write can neither lose nor duplicate anything.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -753,6 +754,53 @@ class Store:
         return self.get_batch(ref).runner_alive
 
     @contextmanager
+    def _heartbeats(
+        self,
+        lease: Lease,
+        beat_once: Callable[[float], bool],
+        counted: list[float],
+        on_lost: Callable[[], None] | None,
+        name: str,
+        lock: threading.Lock | None = None,
+    ) -> Iterator[None]:
+        """A thread calling `beat_once(seconds since the last counted beat)` every third of
+        the lease (at most BEAT_SECONDS apart: the running time a kill loses stays small),
+        while the block runs. `counted[0]` is up to when the running time has been added.
+        When a beat finds the lease gone (False), the lease is lost: every write through it
+        is refused from then on, and `on_lost` is called (the runner stops). On the way out
+        the thread stops and abandoned conversation threads write nothing more."""
+        stop = threading.Event()
+        guard = lock if lock is not None else contextlib.nullcontext()
+
+        def beat() -> None:
+            while not stop.wait(min(lease.seconds / 3, BEAT_SECONDS)):
+                with guard:
+                    t = time.monotonic()
+                    try:
+                        held = beat_once(t - counted[0])
+                    except PyMongoError:
+                        continue  # the batch's own writes report a lost database
+                    counted[0] = t
+                if not held:
+                    lease._lose(self._batches.find_one({"_id": lease.batch_id}, {"runner": 1}))
+                    if on_lost is not None:
+                        on_lost()
+                    return
+
+        heart = threading.Thread(target=beat, name=name, daemon=True)
+        heart.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            lease.released.set()  # abandoned conversation threads write nothing from now on
+            heart.join(5)
+            self._leases.pop(lease.batch_id, None)
+            with lease.writing_lock:
+                if lease.writing:  # a write still in flight may land uncounted
+                    lease.tally_ok = False
+
+    @contextmanager
     def batch_lease(
         self,
         batch_id: str,
@@ -782,44 +830,17 @@ class Store:
         self._claim(lease)
         self._leases[batch_id] = lease
         mine = {"_id": batch_id, "runner.token": lease.token}
-        stop = threading.Event()
-        lock = threading.Lock()
+        lock = threading.Lock()  # the last heartbeat and the release never both add `elapsed`
+
+        def beat_once(elapsed: float) -> bool:
+            update = {"$currentDate": {"runner.heartbeat": True}, "$inc": {"elapsed": elapsed}}
+            return self._batches.update_one(mine, update).matched_count > 0
+
         counted = [time.monotonic()]  # up to when `elapsed` has been added
-
-        def beat() -> None:
-            # At most 2 s apart: the running time a kill loses stays that small.
-            while not stop.wait(min(seconds / 3, BEAT_SECONDS)):
-                with lock:
-                    t = time.monotonic()
-                    try:
-                        result = self._batches.update_one(
-                            mine,
-                            {
-                                "$currentDate": {"runner.heartbeat": True},
-                                "$inc": {"elapsed": t - counted[0]},
-                            },
-                        )
-                    except PyMongoError:
-                        continue  # the batch's own writes report a lost database
-                    counted[0] = t
-                if result.matched_count == 0:
-                    lease._lose(self._batches.find_one({"_id": batch_id}, {"runner": 1}))
-                    if on_lost is not None:
-                        on_lost()
-                    return
-
-        heart = threading.Thread(target=beat, name="batch-lease", daemon=True)
-        heart.start()
         try:
-            yield lease
+            with self._heartbeats(lease, beat_once, counted, on_lost, "batch-lease", lock):
+                yield lease
         finally:
-            stop.set()
-            lease.released.set()  # abandoned conversation threads write nothing from now on
-            heart.join(5)
-            self._leases.pop(batch_id, None)
-            with lease.writing_lock:
-                if lease.writing:  # a write still in flight may land uncounted
-                    lease.tally_ok = False
             with lock:
                 try:
                     release: dict[str, Any] = {
@@ -1182,35 +1203,13 @@ class Store:
         )
         self._join(lease, join=join)
         self._leases[batch_id] = lease
-        stop = threading.Event()
         counted = [time.monotonic()]
-
-        def beat() -> None:
-            while not stop.wait(min(seconds / 3, BEAT_SECONDS)):
-                t = time.monotonic()
-                try:
-                    held = self._beat(lease, t - counted[0])
-                except PyMongoError:
-                    continue  # the batch's own writes report a lost database
-                counted[0] = t
-                if not held:
-                    lease._lose(self._batches.find_one({"_id": batch_id}, {"runner": 1}))
-                    if on_lost is not None:
-                        on_lost()
-                    return
-
-        heart = threading.Thread(target=beat, name="worker-lease", daemon=True)
-        heart.start()
         try:
-            yield lease
+            with self._heartbeats(
+                lease, lambda elapsed: self._beat(lease, elapsed), counted, on_lost, "worker-lease"
+            ):
+                yield lease
         finally:
-            stop.set()
-            lease.released.set()
-            heart.join(5)
-            self._leases.pop(batch_id, None)
-            with lease.writing_lock:
-                if lease.writing:
-                    lease.tally_ok = False
             try:
                 self._leave(lease, time.monotonic() - counted[0], on_last)
             except PyMongoError:
