@@ -344,12 +344,9 @@ class Bench:
         self.workdir = workdir
         self.server = server
         self.env = bench_environment(workdir, workdir / "data")
-        script = Path(sys.executable).with_name("simulator")
-        self.simulator = (
-            [str(script)]
-            if os.access(script, os.X_OK)
-            else [sys.executable, "-c", "from simulator.cli import app; app()"]
-        )
+        # `python -m simulator`: what the console script runs, from whichever checkout is on
+        # PYTHONPATH (a script installed by one checkout may name a function another lacks).
+        self.simulator = [sys.executable, "-m", "simulator"]
         self.experiments = {p: self._write_experiment(p) for p in ("openai", "ollama")}
         self.db_pid: int | None = None
 
@@ -489,6 +486,10 @@ class Bench:
 def bench_environment(workdir: Path, data_dir: Path) -> dict[str, str]:
     """The caller's environment without anything that points the CLI elsewhere."""
     dropped = ("MONGODB_", "DB_", "SIMULATOR_", "OPENAI_", "OLLAMA_")
+    # Also PYTHONDONTWRITEBYTECODE: an installed package has its bytecode compiled (pip does
+    # it at install), and a checkout gets it at its first run; set in a shell (as on the
+    # machines these figures were taken on), every command would compile every module anew.
+    dropped += ("PYTHONDONTWRITEBYTECODE",)
     env = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
     env.update(
         PYTHONPATH=str(ROOT),  # this checkout, whatever the venv's editable install points at

@@ -1,5 +1,5 @@
 """`python -m simulator`: the same as the `simulator` command."""
 
-from simulator.cli import app
+from simulator.cli import command_line
 
-app(prog_name="simulator")
+command_line()

@@ -11,6 +11,7 @@ import gc
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -87,7 +88,44 @@ cli_report.register(app)  # report (issue 12)
 
 log = logging.getLogger("simulator")
 
-__all__ = ["app", "err", "friendly", "open_store", "out"]
+
+def command_line() -> None:
+    """The `simulator` command (the console script and `python -m simulator`)."""
+    try:
+        app(prog_name="simulator")
+        code: int | str | None = 0
+    except SystemExit as e:
+        code = e.code
+    if isinstance(code, str):  # sys.exit("message"): printed, exit status 1
+        print(code, file=sys.stderr)
+        code = 1
+    leave(code or 0)
+
+
+def leave(status: int) -> None:
+    """End the process now that the command is done (issue 14).
+
+    The interpreter's own teardown waits up to half a second for pymongo's monitor threads
+    (they look for the stop flag every 0.5 s) and walks every imported object. What a clean
+    exit would still do is done here first: output flushed, database clients closed (the
+    server hears the sessions end), log files closed. While a non-daemon thread still runs,
+    the process exits the ordinary way, which waits for it.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`| head`): nothing more to write
+            pass
+    main_thread = threading.main_thread()
+    if any(t is not main_thread and not t.daemon for t in threading.enumerate()):
+        sys.exit(status)
+    if "simulator.database" in sys.modules:
+        sys.modules["simulator.database"].close_clients()
+    logging.shutdown()
+    os._exit(status)
+
+
+__all__ = ["app", "err", "friendly", "open_store", "out", "command_line", "leave"]
 
 
 def _configure_logging(verbose: bool, log_dir: Path) -> None:
@@ -344,14 +382,18 @@ def run_options(
     max_cost: float | None = None,
 ) -> RunOptions:
     """Options of `run`, `resume` and `work`. `manual`: the grid has manual speaker selection."""
-    from simulator.interactive import manual_chooser
     from simulator.settings import load_settings
 
+    chooser = None
+    if manual and sys.stdin.isatty():  # questionary (0.06 s of imports) only when asked
+        from simulator.interactive import manual_chooser
+
+        chooser = manual_chooser()
     return options_from_settings(
         load_settings(),
         concurrency=concurrency,
         max_failures=max_failures,
-        manual=manual_chooser() if manual and sys.stdin.isatty() else None,
+        manual=chooser,
         on_warning=lambda w: err.print(f"[yellow]Warning:[/] {w}", markup=True),
         max_tokens=max_tokens,
         max_cost=max_cost,

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 APP_NAME = "llm-simulator"
 _uri = "mongodb://127.0.0.1:{}/".format  # the embedded server's URI for a port
 _AUTH_FAILED, _UNAUTHORIZED = 18, 13
+# Every client `connect` made in this process, for close_clients (a command's fast exit).
+_clients: weakref.WeakSet[MongoClient[dict[str, Any]]] = weakref.WeakSet()
 
 
 def connect(settings: Settings) -> Database[dict[str, Any]]:
@@ -71,7 +74,15 @@ def connect(settings: Settings) -> Database[dict[str, Any]]:
     except PyMongoError as e:
         client.close()
         raise StorageError(_explain(e, uri, settings.mongodb_db, unreachable)) from None
+    _clients.add(client)
     return db
+
+
+def close_clients() -> None:
+    """Close every client `connect` opened: the server is told the sessions ended and the
+    connections close now, rather than when the interpreter tears down."""
+    for client in list(_clients):
+        client.close()
 
 
 def _explain(e: PyMongoError, uri: str, db_name: str, unreachable: str) -> str:

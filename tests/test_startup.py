@@ -258,3 +258,48 @@ def test_closing_summary_makes_no_queries(watched, tmp_path: Path) -> None:
     assert report.totals.failures and sorted(report.totals.failures) == sorted(counted.failures)
     report.totals.failures = counted.failures = []
     assert report.totals == counted
+
+
+# --- leaving: the process ends as soon as the command is done, and nothing is cut off ----------
+
+
+def test_a_command_leaves_with_its_output_log_and_status(settings, env_for, tmp_path) -> None:
+    import os
+
+    env = {**os.environ, **env_for(settings)}
+    names = []
+    for i in range(30):  # a listing longer than any buffer a hasty exit could drop
+        names.append(f"listed-{i:02d}")
+        path = write_experiment(tmp_path / f"e{i}.yaml", "{provider: scripted, model: s}", names[-1])
+        done = subprocess.run(
+            [sys.executable, "-m", "simulator", "experiment", "import", path],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "simulator", "experiment", "list"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert all(name in done.stdout for name in names)
+    log = Path(settings.log_dir) / "simulator.log"
+    assert log.read_text().count("connecting to") == 31  # each command's log line is flushed
+    done = subprocess.run(
+        [sys.executable, "-m", "simulator", "show", "0123456789ab"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "Error:" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_leaving_waits_for_a_thread_still_working(tmp_path: Path) -> None:
+    """A non-daemon thread (work not finished) is waited for; the status is kept either way."""
+    marker = tmp_path / "written"
+    code = (
+        "import threading, time, pathlib\nfrom simulator.cli import leave\n"
+        f"def work():\n    time.sleep(0.5)\n    pathlib.Path({str(marker)!r}).write_text('done')\n"
+        "threading.Thread(target=work).start()\nleave(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert marker.read_text() == "done"
