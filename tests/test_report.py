@@ -373,9 +373,9 @@ def test_shares_get_a_fractional_logit_equal_to_statsmodels_called_directly(db, 
                               ["scripted/alpha", "scripted/beta"]),
     })  # fmt: skip
     assert frame["y"].nunique() > 2  # shares, not only 0 and 1
-    direct = smf.glm(
-        "y ~ C(factor_risks) + C(llm)", frame, family=sm.families.Binomial()
-    ).fit(cov_type="HC0")
+    direct = smf.glm("y ~ C(factor_risks) + C(llm)", frame, family=sm.families.Binomial()).fit(
+        cov_type="HC0"
+    )
     outcome = "moderation (flagged), conversation mean"
     rows = [r for r in read(out / "tables" / "regressions.csv") if r["outcome"] == outcome]
     assert [r["term"] for r in rows] == list(direct.params.index)
