@@ -114,12 +114,13 @@ def run_scorers(
     cache: bool = False,
 ) -> None:
     """Score and print the report (shared by `score` and `run --score`)."""
+    from rich.markup import escape
     from rich.progress import Progress
 
     from simulator.llm.cache import ResponseCache
     from simulator.runner import retry_policy
     from simulator.scoring.definition import choose, load_scorers_file
-    from simulator.scoring.run import ScoreOptions, ScoreProgress, ScoringRun, plan, scorers_for
+    from simulator.scoring.run import ScoreOptions, ScoreProgress, score, scorers_for
     from simulator.settings import load_settings
 
     check_concurrency(concurrency)
@@ -143,6 +144,8 @@ def run_scorers(
                 progress.update(task, completed=event.done)
             elif event.kind == "error":
                 progress.console.print(f"[yellow]{event.item}:[/] {event.error}", markup=True)
+            elif event.kind == "warning":
+                progress.console.print(f"[yellow]Warning:[/] {escape(event.error)}", markup=True)
             elif event.kind == "stopping":
                 progress.console.print("Stopping: calls in flight finish, nothing new starts.")
 
@@ -153,8 +156,7 @@ def run_scorers(
             on_progress=on_progress,
             cache=ResponseCache(store) if cache else None,
         )
-        items, already = plan(store, exp, records, scorers)
-        report = ScoringRun(store, exp, scorers, options).run(items, already)
+        report = score(store, exp, records, scorers, options)
     again = "Run the same `simulator score` command again"
     from simulator import display
 

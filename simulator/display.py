@@ -36,6 +36,7 @@ from simulator.store import (
     ConversationRecord,
     ExperimentRow,
     Score,
+    Store,
     plural,
 )
 
@@ -487,6 +488,13 @@ def failures_text(failures: Sequence[tuple[str, str]], *, reasons: int = 5) -> l
         rest = sum(len(ids) for _, ids in groups[reasons:])
         lines.append(f"  {rest} more failed for {len(groups) - reasons} other reasons")
     return lines
+
+
+def closing_text(store: Store, report: BatchReport) -> str:
+    """What `run` and the menus print when a batch run ends: the runner's own counts when it
+    kept them all (a batch it started, issue 14), else the store's."""
+    totals = report.totals if report.totals is not None else store.batch_totals(report.batch_id)
+    return report_text(report, totals)
 
 
 def report_text(report: BatchReport, totals: BatchTotals) -> str:

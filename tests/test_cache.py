@@ -162,3 +162,50 @@ def test_judge_calls_use_the_cache(db) -> None:
         assert again.scored == 1 and judge.calls == asked  # no judge call: both from the cache
         assert (options.cache.hits, options.cache.misses) == (2, 0)
         assert store.list_scores(scorer="goal")[0].value == "Yes"
+
+
+def test_identical_requests_in_flight_at_once_share_one_call(db) -> None:
+    """N conversations asking the same thing at the same moment: one call at the server, the
+    others wait for its response (counted as hits). When that call fails (after its retries),
+    every waiter gets its error: no waiter starts the retries again."""
+    from simulator.errors import ProviderError
+
+    n = 6
+    with FakeLLMServer(models={"m1"}, reply=Unique(), latency=0.5) as server:
+        spec = ModelSpec("m1", "openai", base_url=server.openai_url)
+        cache = ResponseCache(Store.open(db, "alice"))
+        pool = ModelPool(RetryPolicy(attempts=2, base_delay=0), 2 * n)
+        scope = {"seed": 0, "repetition": 0}
+
+        def ask_all(content: str) -> list[Any]:
+            start = threading.Barrier(n)
+            out: list[Any] = [None] * n
+
+            def ask(i: int) -> None:
+                model = cache.wrap(pool.get(spec), spec, scope)  # one per conversation
+                start.wait()
+                try:
+                    out[i] = model.chat([{"role": "user", "content": content}]).text
+                except ProviderError as e:
+                    out[i] = e
+
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            return out
+
+        texts = ask_all("Researcher: go")
+        assert server.calls == 1  # counted at the server
+        assert texts == ["Reply number 1."] * n
+        assert (cache.hits, cache.misses) == (n - 1, 1)
+
+        server.reset()
+        server.fail_next(500, 500)  # the one call and its one retry
+        errors = ask_all("Researcher: again")
+        assert server.calls == 2  # not 2 per waiter
+        assert all(isinstance(e, ProviderError) for e in errors)
+        assert len({str(e) for e in errors}) == 1
+        assert ask_all("Researcher: again") == ["Reply number 2."] * n  # nothing kept of it
+        assert server.calls == 3

@@ -676,3 +676,59 @@ def test_a_bad_sheet_is_refused_in_the_menus_and_nothing_is_stored(
     out = drive(alice, keys, tmp_path)
     assert "Maybe" in out and "row 2" in out, out
     assert db["scores"].count_documents({}) == 0
+
+
+def test_a_menu_run_ends_with_the_runners_own_summary(db, mongo_server, prison, tmp_path):
+    """The menu prints the closing summary `run` prints, from the runner's own counts of the
+    batch it started (BatchReport.totals): the store is not asked to sum the batch again.
+    Counted as the aggregations of selector calls (Store.batch_totals sums them; nothing
+    else in a run without a budget does): a menu run makes those the runner makes, no more."""
+    from pymongo import MongoClient, monitoring
+
+    class Aggregates(monitoring.CommandListener):
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def started(self, event: Any) -> None:
+            if event.command_name == "aggregate" and event.database_name == db.name:
+                self.seen.append(str(event.command["aggregate"]))
+
+        def succeeded(self, event: Any) -> None:
+            pass
+
+        def failed(self, event: Any) -> None:
+            pass
+
+    listener = Aggregates()
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo_server, event_listeners=[listener])
+    try:
+        store = Store.open(client[db.name], "alice")
+        exp = store.insert_experiment(prison)
+        # The same batch through the library: what the runner aggregates by itself.
+        grid = make_grid(
+            exp, llms=["scripted"], messages=4, days=2, agents={"guard": 1, "prisoner": 1},
+            speakers=["round_robin"], repetitions=2,
+        )  # fmt: skip
+        listener.seen.clear()
+        first = start_batch(store, exp, grid, RunOptions())
+        by_runner = listener.seen.count("selector_calls")
+
+        keys = SELECT_FIRST + ENTER  # Perform new conversations
+        keys += typed("2")  # repetitions
+        keys += SPACE + down(3) + SPACE + ENTER  # LLMs: untick the first, tick scripted
+        keys += typed("4") + ENTER + "n"  # 4 messages, 2 days, not every day count
+        keys += ENTER + ENTER  # guard 1, prisoner 1
+        keys += ENTER + ENTER  # round_robin; start
+        keys += ESC + ESC + EXIT
+        listener.seen.clear()
+        out = drive(store, keys, tmp_path)
+        by_menu = listener.seen.count("selector_calls")
+        (batch,) = [b for b in store.list_batches() if b.id != first.batch_id]
+        totals = store.batch_totals(batch.id)
+    finally:
+        client.close()
+    assert batch.grid.size() == grid.size() == 2
+    assert totals.messages == 8 and totals.calls > 8  # messages and summaries
+    assert f"Batch {batch.id}: completed — 2 completed of 2 conversations" in out, out
+    assert f"{totals.messages} messages, {totals.calls} LLM calls" in out
+    assert by_menu == by_runner  # no recount for the summary

@@ -74,10 +74,13 @@ class Truth:
     toxicity: dict[tuple[str, int], float] = field(default_factory=dict)  # (id, position)
 
 
-def build(store: Store, *, repetitions: int = 12, scores: bool = True, seed: int = 7) -> Truth:
-    """An experiment with known levels, statuses, verdicts and scores, through Store methods."""
+def build(
+    store: Store, *, repetitions: int = 12, scores: bool = True, seed: int = 7, extra: str = ""
+) -> Truth:
+    """An experiment with known levels, statuses, verdicts and scores, through Store methods
+    (`extra`: more scorers in its YAML, scored by the test itself)."""
     rnd = random.Random(seed)
-    exp = store.insert_experiment(experiment_from_yaml(STUDY, "study.yaml"))
+    exp = store.insert_experiment(experiment_from_yaml(STUDY + extra, "study.yaml"))
     grid = make_grid(exp, llms=["alpha", "beta"], messages=4, days=1,
                      agents={"guard": 1, "prisoner": 1}, speakers=["round_robin"],
                      repetitions=repetitions)  # fmt: skip
@@ -85,7 +88,7 @@ def build(store: Store, *, repetitions: int = 12, scores: bool = True, seed: int
     agents = [Agent("Guard_001", "guard", ""), Agent("Prisoner_002", "prisoner", "")]
     store.prepare_conversations(batch, exp, ((i, s, agents, "") for i, s in grid.expand()))
     truth = Truth(exp_id=exp.id or "")
-    goal, toxicity = scorers_for(exp)
+    goal, toxicity = scorers_for(exp)[:2]
     truth.judge = goal.source(exp)
     records = store.list_conversations(batch_id=batch.id)
     for n, rec in enumerate(records):
@@ -331,6 +334,66 @@ def test_logit_odds_ratios_equal_statsmodels_called_directly(study):
     for row in rows:
         assert close(num(row["estimate"]), float(ols.params[row["term"]]))
         assert close(num(row["ci_high"]), float(ols.conf_int().loc[row["term"], 1]))
+
+
+MODERATION = "  moderation:\n    kind: moderation\n    level: message\n"
+
+
+def test_shares_get_a_fractional_logit_equal_to_statsmodels_called_directly(db, tmp_path):
+    """The share of a conversation's messages flagged by moderation is a proportion: fitted
+    with Papke-Wooldridge's fractional logit (a binomial GLM, logit link, HC0), odds ratios
+    with 95% CIs; the table and the page say which model each outcome got."""
+    import numpy as np
+    import pandas as pd
+    import statsmodels.api as sm
+    import statsmodels.formula.api as smf
+
+    store = Store.open(db, "alice")
+    truth = build(store, extra=MODERATION)
+    exp = store.get_experiment(truth.exp_id)
+    moderation = scorers_for(exp)[2]
+    rnd = random.Random(11)
+    flagged: dict[str, list[bool]] = {}
+    for rec in store.list_conversations(experiment_id=truth.exp_id):
+        if truth.conv[rec.id]["status"] != "completed":
+            continue
+        risky = truth.conv[rec.id]["risks"] == "yes"
+        for m in store.load_transcript(rec.id).messages:
+            flag = rnd.random() < (0.5 if risky else 0.2)
+            flagged.setdefault(rec.id, []).append(flag)
+            store.insert_score(_score(exp, rec, moderation, flag, message=m))
+    out = tmp_path / "report"
+    result = write_report(store, truth.exp_id, out)
+
+    ids = sorted(flagged)
+    frame = pd.DataFrame({
+        "y": [sum(flagged[i]) / len(flagged[i]) for i in ids],
+        "factor_risks": pd.Categorical([truth.conv[i]["risks"] for i in ids], ["yes", "no"]),
+        "llm": pd.Categorical([truth.conv[i]["llm"] for i in ids],
+                              ["scripted/alpha", "scripted/beta"]),
+    })  # fmt: skip
+    assert frame["y"].nunique() > 2  # shares, not only 0 and 1
+    direct = smf.glm("y ~ C(factor_risks) + C(llm)", frame, family=sm.families.Binomial()).fit(
+        cov_type="HC0"
+    )
+    outcome = "moderation (flagged), conversation mean"
+    rows = [r for r in read(out / "tables" / "regressions.csv") if r["outcome"] == outcome]
+    assert [r["term"] for r in rows] == list(direct.params.index)
+    ci = direct.conf_int()
+    for row in rows:
+        term = row["term"]
+        assert row["model"] == "fractional logit"
+        assert close(num(row["estimate"]), float(np.exp(direct.params[term])))
+        assert close(num(row["ci_low"]), float(np.exp(ci.loc[term, 0])))
+        assert close(num(row["ci_high"]), float(np.exp(ci.loc[term, 1])))
+        assert close(num(row["p_value"]), float(direct.pvalues[term]))
+        assert int(row["n"]) == len(ids)
+    models = {r["outcome"]: r["model"] for r in read(out / "tables" / "models.csv")}
+    assert models[outcome] == "fractional logit"
+    assert models["goal: attempt"] == "logit"
+    assert models["toxicity, conversation mean"] == "ols"  # a 1-5 scale is no share
+    page = result.html.read_text(encoding="utf-8")
+    assert "fractional logit" in page and "Papke and Wooldridge" in page
 
 
 def test_agreement_between_judge_and_human(study):

@@ -395,3 +395,54 @@ def test_a_moderation_scorer_without_a_key_is_refused_before_any_call(server, ju
         score(store, exp, records, goal + bare, ScoreOptions(retry=FAST))
     assert len(server.bodies("/v1/chat/completions")) == calls_before  # not even the judge
     assert store.list_scores(experiment_id=exp.id) == []
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("case", ["server-down", "model-missing"])
+def test_a_judge_whose_llm_cannot_be_used_is_refused_before_any_call(
+    case, db, server, judged, tmp_path, settings, env_for
+):
+    """A judge on an Ollama that is not running, or that lacks the model (and cannot pull
+    it), would fail every item until the failure threshold: the preflight a batch makes
+    refuses it once, before the first call, in `score` and in `simulator score`."""
+    store, exp, batch_id = judged
+    _, records = select_conversations(store, batch_id)
+    with FakeLLMServer(models={"other:latest"}, unpullable={"judge-model"}) as ollama:
+        url = f"http://127.0.0.1:{_closed_port()}" if case == "server-down" else ollama.url
+        path = tmp_path / "judges.yaml"
+        path.write_text(
+            "scorers:\n  verdict:\n    kind: judge\n"
+            f"    llm: {{model: judge-model, provider: ollama, base_url: '{url}'}}\n"
+            "    rubric: Did they agree?\n    answer: choice\n    labels: [Yes, No]\n"
+        )
+        scorers = load_scorers_file(path)
+        events: list[str] = []
+        options = ScoreOptions(retry=FAST, on_progress=lambda e: events.append(e.kind))
+        with pytest.raises(UserError) as info:
+            score(store, exp, records, scorers, options)
+        result = CliRunner().invoke(
+            app, ["score", batch_id, "--scorers", str(path)], env=env_for(settings)
+        )
+        chat_calls = ollama.calls
+    message = str(info.value)
+    assert message.startswith("Scoring did not start. Judge 'verdict' (ollama/judge-model:latest):")
+    if case == "server-down":
+        assert "Cannot reach Ollama" in message and "ollama serve" in message, message
+    else:
+        assert "judge-model" in message and "pull" in message, message
+    assert events == []  # not even "started": no item was tried
+    assert chat_calls == 0 and server.calls == 0  # no scoring call anywhere
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "Error" in result.output
+    assert result.output.count("Scoring did not start") == 1  # one error, not one per item
+    assert "Judge 'verdict' (ollama/judge-model:latest)" in result.output
+    assert "'goal'" not in result.output  # the experiment's judges passed their check
+    assert store.list_scores(experiment_id=exp.id) == []
+    assert db["scores"].count_documents({}) == 0

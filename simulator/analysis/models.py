@@ -1,8 +1,11 @@
 """The model and agreement sections of the report: one regression per outcome
-(statsmodels formulas, HC0-robust intervals), agreement between the sources of a scorer."""
+(statsmodels formulas, HC0-robust intervals): a logit for yes/no outcomes, a fractional
+logit for shares in [0, 1], OLS for other numbers; agreement between the sources of a
+scorer."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from simulator.analysis import stats
@@ -45,14 +48,18 @@ def regression_outcomes(o: Outcome) -> list[tuple[str, str, dict[str, float]]]:
             attempted = {c: float(v != not_tried) for c, v in answers.items()}
             won = {c: float(v == success) for c, v in answers.items() if v != not_tried}
             return [
-                (f"{o.scorer}: attempt", "logit", attempted),
-                (f"{o.scorer}: {success} | attempt", "logit", won),
+                (f"{o.scorer}: attempt", stats.LOGIT, attempted),
+                (f"{o.scorer}: {success} | attempt", stats.LOGIT, won),
             ]
         if o.definition is not None and o.definition.answer == "turn":
             return []  # ordinal thirds: the distribution table says it
         first = o.labels[0]
         return [
-            (f"{o.scorer}: {first}", "logit", {c: float(v == first) for c, v in answers.items()})
+            (
+                f"{o.scorer}: {first}",
+                stats.LOGIT,
+                {c: float(v == first) for c, v in answers.items()},
+            )
         ]
     if o.kind == "numeric":
         measure, values, _ = measures(o)[0]
@@ -61,8 +68,24 @@ def regression_outcomes(o: Outcome) -> list[tuple[str, str, dict[str, float]]]:
             per.setdefault(conv, []).append(v)
         mean = {c: sum(v) / len(v) for c, v in per.items()}
         what = measure if o.level == "conversation" else f"{measure}, conversation mean"
-        return [(what, "ols", mean)]
+        model = stats.FRACTIONAL_LOGIT if is_share(o, values.values()) else stats.OLS
+        return [(what, model, mean)]
     return []
+
+
+def is_share(o: Outcome, values: Iterable[float]) -> bool:
+    """Whether an outcome is a proportion in [0, 1], for a fractional logit rather than
+    OLS: a moderation verdict (its conversation mean is the share of messages flagged), a
+    judge's turn as a fraction or a scale within 0-1, and a python function's numbers when
+    every one is from 0 to 1 (booleans, shares, probabilities)."""
+    d = o.definition
+    if d is not None and d.kind == "moderation":
+        return True
+    if d is not None and d.kind == "judge":
+        if d.answer == "turn":
+            return d.report == "fraction"
+        return d.answer == "scale" and d.scale is not None and 0 <= d.scale[0] <= d.scale[1] <= 1
+    return all(0 <= v <= 1 for v in values)
 
 
 def models_section(
@@ -78,9 +101,12 @@ def models_section(
     section = Section("models", "Regressions")
     section.paragraphs.append(
         "One model per outcome over the compared conditions (and the LLM when it varies): "
-        "logistic regression for yes/no outcomes (odds ratios), OLS for numeric ones "
-        "(coefficients); 95% intervals from HC0-robust standard errors (statsmodels). The first "
-        "level of each condition is the reference."
+        "logistic regression for yes/no outcomes (odds ratios); a fractional logit for shares "
+        "from 0 to 1, such as the share of a conversation's messages flagged (Papke and "
+        "Wooldridge: a binomial GLM with the logit link; odds ratios); OLS for other numeric "
+        "outcomes (coefficients). 95% intervals from HC0-robust standard errors (statsmodels). "
+        "The column `model` says which one each outcome got. The first level of each "
+        "condition is the reference."
     )
     status = frame["status"].astype(str)
     not_ended = int((~status.isin(ENDED)).sum())
@@ -137,7 +163,7 @@ def models_section(
             "models",
             "Models: n, exclusions",
             pd.DataFrame(summary),
-            "estimate: odds ratio (logit) or coefficient (ols).",
+            "estimate: odds ratio (logit, fractional logit) or coefficient (ols).",
         )
     )
     section.items.append(

@@ -1,6 +1,7 @@
 """The report's statistics, each from a well-kept library: Wilson intervals and t intervals
-(statsmodels), logistic and OLS regressions with HC0-robust standard errors (statsmodels
-formulas). Pure functions over numbers and dataframes; nothing here reads the database."""
+(statsmodels), logistic, fractional logistic and OLS regressions with HC0-robust standard
+errors (statsmodels formulas). Pure functions over numbers and dataframes; nothing here
+reads the database."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval ("1.96")
+
+LOGIT, FRACTIONAL_LOGIT, OLS = "logit", "fractional logit", "ols"  # the models `fit` fits
+ODDS_RATIO_MODELS = (LOGIT, FRACTIONAL_LOGIT)  # their estimates are odds ratios
 
 
 def wilson(count: int, n: int) -> tuple[float, float]:
@@ -70,7 +74,7 @@ class Fit:
     """One regression: its terms' estimates, or why it could not be fitted."""
 
     outcome: str
-    model: str  # logit | ols
+    model: str  # logit | fractional logit | ols
     formula: str
     n: int
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -78,9 +82,13 @@ class Fit:
 
 
 def fit(data: pd.DataFrame, outcome: str, predictors: list[str], model: str) -> Fit:
-    """Logistic (odds ratios) or OLS (coefficients) of `y` on categorical predictors, with
-    HC0-robust 95% intervals. `data` holds `y` and the predictors (pandas Categoricals: the
-    first category is the reference level)."""
+    """Logistic (odds ratios), fractional logistic (odds ratios) or OLS (coefficients) of
+    `y` on categorical predictors, with HC0-robust 95% intervals. `data` holds `y` and the
+    predictors (pandas Categoricals: the first category is the reference level).
+
+    The fractional logit is Papke and Wooldridge's (1996) estimator for a proportion in
+    [0, 1] (a share of messages flagged): a GLM of the binomial family with the logit link,
+    a quasi-likelihood whose HC0 sandwich errors hold whatever the share's distribution."""
     import numpy as np
     import statsmodels.formula.api as smf
 
@@ -94,11 +102,19 @@ def fit(data: pd.DataFrame, outcome: str, predictors: list[str], model: str) -> 
         only = f"{float(data['y'].iloc[0]):g}"
         result.problem = f"not fitted: all {len(data)} conversations have the outcome {only}"
         return result
+    if model == FRACTIONAL_LOGIT and not data["y"].between(0, 1).all():
+        result.problem = "not fitted: a fractional logit needs shares from 0 to 1"
+        return result
     try:
         with warnings.catch_warnings(record=True) as caught, np.errstate(all="ignore"):
             warnings.simplefilter("always")
-            if model == "logit":
+            if model == LOGIT:
                 fitted = smf.logit(formula, data).fit(disp=0, cov_type="HC0")
+            elif model == FRACTIONAL_LOGIT:
+                import statsmodels.api as sm
+
+                family = sm.families.Binomial(link=sm.families.links.Logit())
+                fitted = smf.glm(formula, data, family=family).fit(cov_type="HC0")
             else:
                 fitted = smf.ols(formula, data).fit(cov_type="HC0")
     except Exception as exc:  # statsmodels' errors have no common base: say it, go on
@@ -112,7 +128,7 @@ def fit(data: pd.DataFrame, outcome: str, predictors: list[str], model: str) -> 
     params, ci, pvalues = fitted.params, fitted.conf_int(alpha=0.05), fitted.pvalues
     for term in params.index:
         estimate, low, high = float(params[term]), float(ci.loc[term, 0]), float(ci.loc[term, 1])
-        if model == "logit":
+        if model in ODDS_RATIO_MODELS:
             estimate, low, high = (_exp(v) for v in (estimate, low, high))
         result.rows.append(
             {

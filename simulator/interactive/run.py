@@ -1,7 +1,8 @@
 """Perform new conversations from the experiment menu.
 
 The answers build the same grid the flags of `simulator run` build (make_grid), and the batch
-runs through the same start_batch, drawn with the same progress view.
+runs through the same start_batch, drawn with the same progress view, and ends with the same
+summary (display.closing_text: the runner's own counts of the batch it started).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def run_conversations(store: Store, q: Questions, exp: Experiment) -> None:
 
         options.on_progress = progress
         report = start_batch(store, exp, grid, options)
-    q.console.print(display.report_text(report, store.batch_totals(report.batch_id)))
+    q.console.print(display.closing_text(store, report))  # as `run` prints it
     if report.status != "completed":
         q.say(
             f"Continue the unfinished conversations with:  simulator resume {report.batch_id}",

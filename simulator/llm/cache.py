@@ -7,15 +7,25 @@ again over the same transcripts.
 Repetitions are never collapsed: the repetition and its seed are part of the key, and so is
 how many times the same request was already made in the scope (a re-ask after an empty
 reply gets a response of its own, not the empty one again).
+
+Identical requests in flight at the same moment (two conversations or judges asking the
+same thing at once) share one call: the first makes it, the others wait for its response
+(single-flight per key, within this process). When that call fails, the waiters get the
+same error: it already went through the retry wrapper's whole policy, and N waiters each
+starting that policy again would send N times the retries to an endpoint that is failing;
+the caller's own handling (a failed conversation resumed, an item scored by the next run)
+decides what comes next, as it would for its own call.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import threading
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from simulator.experiment import ModelSpec
@@ -74,6 +84,7 @@ class ResponseCache:
         self.hits = 0
         self.misses = 0
         self._lock = threading.Lock()
+        self._flights: dict[str, Future[Reply]] = {}  # key -> the call in flight for it
         store.prepare_response_cache()
 
     def wrap(self, model: ChatModel, spec: ModelSpec, scope: Mapping[str, Any]) -> CachedModel:
@@ -86,6 +97,57 @@ class ResponseCache:
                 self.hits += 1
             else:
                 self.misses += 1
+
+    def answer(self, key: str, model: str, call: Callable[[], Reply]) -> Reply:
+        """The response stored under `key`, else the one being made for it by another
+        thread, else `call()`'s (stored under `key` for the next time)."""
+        with self._lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[key] = Future()
+        if not leader:
+            reply = flight.result()  # raises the call's error
+            self.count(hit=True)
+            return dataclasses.replace(reply, latency=0.0, retries=0, cached=True)
+        try:
+            # Looked up once in the flight: a call that ended before it began has stored its
+            # response before leaving the table of flights.
+            stored = self.store.cached_response(key)
+            if stored is not None:
+                reply = Reply(
+                    text=stored.text,
+                    prompt_tokens=stored.prompt_tokens,
+                    completion_tokens=stored.completion_tokens,
+                    latency=0.0,
+                    finish_reason=stored.finish_reason,
+                    cached=True,
+                )
+                flight.set_result(reply)
+                self.count(hit=True)
+                return reply
+            reply = call()
+            flight.set_result(reply)  # the waiters go on while the response is stored
+            self.count(hit=False)
+            self.store.cache_response(
+                CachedResponse(
+                    key=key,
+                    model=model,
+                    text=reply.text,
+                    prompt_tokens=reply.prompt_tokens,
+                    completion_tokens=reply.completion_tokens,
+                    latency=reply.latency,
+                    finish_reason=reply.finish_reason,
+                )
+            )
+            return reply
+        except BaseException as e:  # Interrupted and KeyboardInterrupt too: no waiter is stranded
+            if not flight.done():
+                flight.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                del self._flights[key]
 
     def summary(self) -> str:
         """`Response cache: 12 hits, 3 misses` (calls answered from it / made and stored)."""
@@ -120,28 +182,4 @@ class CachedModel:
             if occurrence == 0
             else request_key(self.spec, messages, stop, self.scope, occurrence)
         )
-        stored = self.cache.store.cached_response(key)
-        if stored is not None:
-            self.cache.count(hit=True)
-            return Reply(
-                text=stored.text,
-                prompt_tokens=stored.prompt_tokens,
-                completion_tokens=stored.completion_tokens,
-                latency=0.0,
-                finish_reason=stored.finish_reason,
-                cached=True,
-            )
-        reply = self.inner.chat(messages, stop=stop)
-        self.cache.count(hit=False)
-        self.cache.store.cache_response(
-            CachedResponse(
-                key=key,
-                model=self.spec.label,
-                text=reply.text,
-                prompt_tokens=reply.prompt_tokens,
-                completion_tokens=reply.completion_tokens,
-                latency=reply.latency,
-                finish_reason=reply.finish_reason,
-            )
-        )
-        return reply
+        return self.cache.answer(key, self.spec.label, lambda: self.inner.chat(messages, stop=stop))

@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ from simulator.errors import Interrupted, ProviderAuthError, ProviderError, User
 from simulator.experiment import Experiment, ModelSpec
 from simulator.llm.base import ChatMessage, ChatModel, Reply
 from simulator.llm.cache import ResponseCache
-from simulator.llm.registry import ModelPool, endpoint_key
+from simulator.llm.registry import ModelPool, endpoint_key, preflight
 from simulator.llm.retry import RetryingModel, RetryPolicy
 from simulator.runner import failure_threshold
 from simulator.scoring import judge
@@ -39,7 +40,8 @@ SCORED_STATUSES = (ConversationStatus.COMPLETED.value, ConversationStatus.INCOMP
 
 @dataclass
 class ScoreProgress:
-    """One event: `kind` is started | scored | invalid | failed | error | retry | stopping."""
+    """One event: `kind` is started | scored | invalid | failed | error | retry | stopping |
+    warning (a judge LLM's preflight warning, in `error`)."""
 
     kind: str
     total: int = 0
@@ -276,6 +278,48 @@ class ScoringRun:
             else:
                 s.judge_llm(self.exp)  # a judge without an LLM is refused now
 
+    def preflight(self, items: list[Item]) -> None:
+        """Check the LLM of every judge with something to score, once, before the first call
+        (the check a batch makes: reachable, model present or pulled, key set): a judge whose
+        server is down would otherwise fail every item until the failure threshold."""
+        wanted = {item.scorer.name for item in items}
+        by_llm: dict[str, tuple[ModelSpec, list[str]]] = {}
+        for s in self.scorers:
+            if s.kind == "judge" and s.name in wanted:
+                spec = s.judge_llm(self.exp)
+                by_llm.setdefault(repr(spec), (spec, []))[1].append(s.name)
+        if not by_llm:
+            return
+        groups = list(by_llm.values())
+
+        def check(group: tuple[ModelSpec, list[str]]) -> list[str] | UserError:
+            try:
+                return preflight([group[0]])
+            except UserError as e:
+                return e
+
+        # One check per judge LLM, at once (a check may wait PREFLIGHT_TIMEOUT), so that the
+        # error names the judges of the LLM that failed.
+        if len(groups) == 1:
+            outcomes = [check(groups[0])]
+        else:
+            with ThreadPoolExecutor(len(groups), thread_name_prefix="judge-preflight") as pool:
+                outcomes = list(pool.map(check, groups))
+        warnings: list[str] = []
+        for (spec, names), outcome in zip(groups, outcomes, strict=True):
+            if isinstance(outcome, UserError):
+                judges = ", ".join(repr(n) for n in names)
+                message = f"Scoring did not start. Judge {judges} ({spec.label}): {outcome}"
+                try:
+                    error = type(outcome)(message)
+                except TypeError:  # an error class with other arguments: the message counts
+                    error = UserError(message)
+                raise error from None
+            warnings += outcome
+        for warning in warnings:
+            log.warning(warning)
+            self.notify(ScoreProgress("warning", error=warning))
+
     def workers(self, items: list[Item]) -> int:
         specs: dict[str, ModelSpec] = {}
         python = 0
@@ -295,6 +339,7 @@ class ScoringRun:
         report.items, report.already = len(items), already
         self.threshold = failure_threshold(self.options.max_failures, max(len(items), 1))
         self.prepare()
+        self.preflight(items)
         self.notify(ScoreProgress("started", total=len(items)))
         if not items:
             return report
