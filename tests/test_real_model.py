@@ -98,6 +98,9 @@ def llama_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 # 2-CPU machine that other processes use make each call 10x slower (a test
                 # once took over 300 s); one thread costs ~20% on an idle machine.
                 "--n_ctx", "2048", "--n_threads", "1",
+                # Each agent's prompt starts as its last one did: kept states (at most
+                # 512 MB) spare re-reading it, ~20% of the conversation test's time.
+                "--cache", "true", "--cache_size", str(2**29),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
