@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.scenarios import PRISON_ONE
+from tests.servers import FakeLLMServer, echo_reply
 
 ROOT = Path(__file__).resolve().parent.parent
 SIMULATOR = str(Path(sys.executable).with_name("simulator"))
@@ -34,16 +36,25 @@ def simulator(env: dict, *args: str, timeout: float = 120) -> subprocess.Complet
 def test_batch_and_listing_share_the_embedded_server(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MONGODB", "DB_"))}
     env |= {"SIMULATOR_DATA_DIR": str(tmp_path / "data"), "SIMULATOR_USER": "carol"}
-    slow = tmp_path / "slow.yaml"
-    slow.write_text(
+    # The batch's model calls are held until the listing has run: the two overlap however
+    # slow the machine, and the batch then finishes at once.
+    listed_now = threading.Event()
+
+    def reply(body: dict) -> str:
+        listed_now.wait(60)
+        return echo_reply(body)
+
+    server = FakeLLMServer(models={"m1:latest"}, reply=reply)
+    gated = tmp_path / "gated.yaml"
+    gated.write_text(
         PRISON_ONE.read_text().replace(
             "{model: scripted, provider: scripted}",
-            "{model: scripted, provider: scripted, latency: 0.05}",
+            f"{{model: m1, provider: ollama, base_url: '{server.start().url}'}}",
         )
     )
     try:
         batch = subprocess.Popen(
-            [SIMULATOR, "run", str(slow), "--llm", "scripted", "--messages", "30", "--days", "2", "--concurrency", "1",
+            [SIMULATOR, "run", str(gated), "--llm", "m1", "--messages", "30", "--days", "2", "--concurrency", "1",
              "--repetitions", "3", "--plain"],
             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             stdin=subprocess.DEVNULL,
@@ -59,6 +70,7 @@ def test_batch_and_listing_share_the_embedded_server(tmp_path):
         assert batch.poll() is None, "the batch finished before the listing could overlap it"
         assert listed is not None and listed.returncode == 0, listed and listed.stderr
         assert "prison" in listed.stdout and "carol" in listed.stdout
+        listed_now.set()
         output, _ = batch.communicate(timeout=120)
         assert batch.returncode == 0, output
         assert "3 completed of 3" in output
@@ -74,6 +86,8 @@ def test_batch_and_listing_share_the_embedded_server(tmp_path):
         assert "3 completed of 3" in after.stdout
         assert "running" in simulator(env, "db", "status").stdout
     finally:
+        listed_now.set()
+        server.stop()
         simulator(env, "db", "stop")
 
 

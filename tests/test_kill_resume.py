@@ -17,7 +17,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from typer.testing import CliRunner
 from simulator.cli import app
 from simulator.conversation import SELECTOR_SYSTEM
 from simulator.store import Store
+from tests.isolation import isolate
 from tests.servers import FakeLLMServer, echo_reply, write_experiment
 from tests.test_tally import kept, recount
 
@@ -95,18 +97,6 @@ def wait_until(
         time.sleep(0.004)
 
 
-def reference(settings, env_for, tmp_path: Path) -> dict[int, Any]:
-    """The same grid run uninterrupted (in-process, as bob, without latency)."""
-    env = {**env_for(settings), "SIMULATOR_USER": "bob"}
-    result = CliRunner().invoke(
-        app, ["run", experiment_file(tmp_path, 0), *GRID, "--plain"], env=env
-    )
-    assert result.exit_code == 0, result.output
-    store = Store(MongoClient(settings.mongodb_uri)[settings.mongodb_db], "bob")
-    (batch,) = [b for b in store.list_batches() if b.creator == "bob"]
-    return transcripts(store, batch.id)
-
-
 def transcripts(store: Store, batch_id: str) -> dict[int, Any]:
     """{index: (messages, summaries, selector calls)} of a batch, everything compared."""
     out = {}
@@ -153,9 +143,23 @@ def check_batch(db, store: Store, batch_id: str, expected: dict[int, Any]) -> No
     assert kept(db, batch_id) == recount(db, batch_id)
 
 
-@pytest.fixture
-def expected(settings, env_for, tmp_path) -> dict[int, Any]:
-    return reference(settings, env_for, tmp_path)
+@pytest.fixture(scope="module")
+def expected(mongo_server, mongo_client, tmp_path_factory) -> Iterator[dict[int, Any]]:
+    """The grid run uninterrupted (in-process, as bob, without latency), once for the tests
+    that compare with it, in a database of its own."""
+    tmp_path = tmp_path_factory.mktemp("reference")
+    database = mongo_client[f"test_{uuid.uuid4().hex[:12]}"]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        isolate(monkeypatch, tmp_path)
+        env = {"MONGODB_URI": mongo_server, "MONGODB_DB": database.name, "SIMULATOR_USER": "bob"}
+        result = CliRunner().invoke(
+            app, ["run", experiment_file(tmp_path, 0), *GRID, "--plain"], env=env
+        )
+    assert result.exit_code == 0, result.output
+    store = Store(database, "bob")
+    (batch,) = store.list_batches()
+    yield transcripts(store, batch.id)
+    mongo_client.drop_database(database.name)
 
 
 class GatedLLM:

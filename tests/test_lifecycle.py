@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from simulator.cli import app
 from simulator.errors import LeaseLost, PermissionDenied, RecordTooLarge
-from simulator.experiment import Experiment, load_experiment
+from simulator.experiment import Experiment, experiment_from_dict, load_experiment
 from simulator.grid import make_grid
 from simulator.runner import (
     BatchReport,
@@ -35,7 +36,8 @@ from simulator.status import BatchStatus, ConversationStatus
 from simulator.store import Store
 from tests.servers import FakeLLMServer, echo_reply, write_experiment
 
-BIG = "word " * (17 * 2**20 // 5)  # 17 MB: over MongoDB's 16 MB limit for one document
+BIG = "x" * 17 * 2**20  # 17 MB: over MongoDB's 16 MB limit for one document (one word: the
+# quality flags, which scan every word of a message, take seconds over 3.5 million of them)
 
 
 def experiment(store: Store, tmp_path: Path, llm: str) -> Experiment:
@@ -388,11 +390,11 @@ def test_prompts_too_large_to_store_stop_the_batch_with_the_cause(db, tmp_path):
     store = Store.open(db, "alice")
     path = Path(write_experiment(tmp_path / "big.yaml", "{model: scripted, provider: scripted}"))
     # a 6 MB shared section: fine in the experiment, but each conversation stores the
-    # composed prompt of each of its three agents
-    path.write_text(
-        path.read_text() + "shared_sections:\n  environment: " + "walls " * (6 * 2**20 // 6) + "\n"
-    )
-    exp = store.insert_experiment(load_experiment(path))
+    # composed prompt of each of its three agents (added after reading the YAML, which
+    # PyYAML takes ~15 s to parse with the section in it)
+    data = yaml.safe_load(path.read_text())
+    data["shared_sections"] = {"environment": "walls " * (6 * 2**20 // 6)}
+    exp = store.insert_experiment(experiment_from_dict(data, str(path)))
     g = grid(exp, messages=2, days=1, repetitions=1, agents="guard=1,prisoner=2")
     with pytest.raises(RecordTooLarge, match="16 MB") as caught:
         start_batch(store, exp, g, options())

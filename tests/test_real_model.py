@@ -94,7 +94,13 @@ def llama_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 sys.executable, "-m", "llama_cpp.server",
                 "--model", str(gguf), "--model_alias", "smollm2",
                 "--host", "127.0.0.1", "--port", str(port),
-                "--n_ctx", "2048", "--n_threads", "2",
+                # One thread: llama.cpp's threads spin at every step, and two of them on a
+                # 2-CPU machine that other processes use make each call 10x slower (a test
+                # once took over 300 s); one thread costs ~20% on an idle machine.
+                "--n_ctx", "2048", "--n_threads", "1",
+                # Each agent's prompt starts as its last one did: kept states (at most
+                # 512 MB) spare re-reading it, ~20% of the conversation test's time.
+                "--cache", "true", "--cache_size", str(2**29),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -159,7 +165,7 @@ def test_two_day_three_agent_conversation_over_the_openai_provider(llama_server_
         temperature=0.7,
         top_p=0.9,
         seed=1,
-        max_tokens=48,
+        max_tokens=24,  # the replies are checked for structure: 48 tokens only took longer
         extra={"repeat_penalty": 1.3},
     )
     model = ModelPool(RetryPolicy(attempts=2, base_delay=0)).get(spec)

@@ -8,27 +8,51 @@ import re
 import socket
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 from typer.testing import CliRunner
 
 from simulator.cli import app
-from tests.test_kill_resume import GRID, Cli, experiment_file, wait_until
+from tests.servers import FakeLLMServer, write_experiment
+from tests.test_kill_resume import GRID, Cli, deterministic_reply, wait_until
 
 
 def test_watch_in_a_second_process_shows_the_counts_of_a_batch_run_by_the_first(
     settings, env_for, db, tmp_path
 ):
-    cli = Cli(tmp_path, env_for(settings))
-    run = cli.start("run", experiment_file(tmp_path, 0.05), *GRID, "--concurrency", "1", "--plain")
-    wait_until(lambda: db.batches.find_one({"prepared": True}) is not None, run, "the batch")
-    batch_id = db.batches.find_one()["_id"]
-    watch = cli.start("watch", batch_id, "--interval", "0.2")
-    run.wait(timeout=120)
-    out, err = Cli.output(run)
-    assert run.returncode == 0, out + err
-    watch.wait(timeout=30)  # it ends by itself once nobody works on the batch
-    shown, err = Cli.output(watch)
-    assert watch.returncode == 0, shown + err
+    # The run's model calls are held until the watch has shown the batch running, then
+    # answered at once: the watch sees it at work however slow the machine.
+    seen_running = threading.Event()
+
+    def reply(body: dict) -> str:
+        seen_running.wait(60)
+        return deterministic_reply(body)
+
+    with FakeLLMServer(models={"m1:latest"}, reply=reply) as server:
+        yaml = write_experiment(
+            tmp_path / "watch.yaml", f"{{model: m1, provider: ollama, base_url: '{server.url}'}}"
+        )
+        cli = Cli(tmp_path, env_for(settings))
+        run = cli.start("run", yaml, *GRID, "--concurrency", "1", "--plain")
+        wait_until(lambda: db.batches.find_one({"prepared": True}) is not None, run, "the batch")
+        batch_id = db.batches.find_one()["_id"]
+        watch = cli.start("watch", batch_id, "--interval", "0.2")
+        shown_so_far = Path(watch.files[0].name)  # type: ignore[attr-defined]
+        try:
+            wait_until(
+                lambda: f"1 worker on {socket.gethostname()}" in shown_so_far.read_text(),
+                watch,
+                "the watch showing the batch's worker",
+            )
+        finally:
+            seen_running.set()
+        run.wait(timeout=120)
+        out, err = Cli.output(run)
+        assert run.returncode == 0, out + err
+        watch.wait(timeout=30)  # it ends by itself once nobody works on the batch
+        shown, err = Cli.output(watch)
+        assert watch.returncode == 0, shown + err
     lines = [line for line in shown.splitlines() if line.startswith(batch_id)]
     done = [int(m.group(1)) for line in lines if (m := re.search(r"(\d+)/6 done", line))]
     assert done and done[-1] == 6 and min(done) < 6  # it saw the batch progress

@@ -60,11 +60,14 @@ def messages_of(db, conv_ids: list[str]) -> int:
 def test_three_workers_share_a_batch_and_a_killed_ones_conversation_is_continued(
     settings, env_for, db, tmp_path
 ):
-    server = FakeLLMServer(models={"m1:latest"}, reply=deterministic_reply, latency=0.3)
+    server = FakeLLMServer(models={"m1:latest"}, reply=deterministic_reply)
     with server:
         yaml = llm_yaml(tmp_path, server)
         env = env_for(settings)
+        # the replies do not depend on the latency: the reference is run without it
         expected, reference_calls = reference(env, yaml, db, server)
+        # slow calls while the workers start and the victim is killed mid-conversation
+        server.latency = 0.3
         cli = Cli(tmp_path, env)
         calls = server.calls
         first = cli.start("run", yaml, *GRID, "--concurrency", "1", "--plain")
@@ -87,6 +90,12 @@ def test_three_workers_share_a_batch_and_a_killed_ones_conversation_is_continued
         victim.wait()
         left = claimed_by(db, batch_id, victim.pid)
         assert len(left) == 1 and 0 < messages_of(db, left) < 6  # killed mid-conversation
+        # Once the second worker has a conversation of its own too, the rest may go fast.
+        seconds = {"batch_id": batch_id, "claim.pid": second.pid}
+        wait_until(
+            lambda: db.conversations.find_one(seconds) is not None, second, "its first claim"
+        )
+        server.latency = 0.02
         for proc in (first, second):
             proc.wait(timeout=120)
             out, err = Cli.output(proc)
@@ -136,10 +145,14 @@ def test_a_worker_whose_claim_was_taken_over_writes_nothing_more(settings, env_f
                 worker.send_signal(signal.SIGCONT)
             # The stalled worker wakes with a call answered (or about to be): it must not
             # store it, nor anything else, while another worker holds the conversation.
-            deadline = time.monotonic() + 3
-            while time.monotonic() < deadline:
+            # Watched until it has tried (and logged the refusal), then one second more.
+            deadline, tried = time.monotonic() + 30, None
+            while tried is None or time.monotonic() < tried + 1:
                 after = {c: db[c].count_documents({}) for c in ("messages", "summaries")}
                 assert after == before, "the fenced worker wrote to a conversation it lost"
+                if tried is None and "taken over" in logs(tmp_path):
+                    tried = time.monotonic()
+                assert time.monotonic() < deadline, "the stalled worker never tried to write"
                 time.sleep(0.05)
             assert db.conversations.find_one({"_id": conv_id})["claim"]["token"] == lease.token
             del calls
@@ -151,8 +164,11 @@ def test_a_worker_whose_claim_was_taken_over_writes_nothing_more(settings, env_f
         doc = db.conversations.find_one({"_id": conv_id})
         assert doc["status"] == "completed" and doc["claim"]["pid"] == worker.pid
         assert db.messages.count_documents({"conversation_id": conv_id}) == 6
-        logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
-        assert "taken over" in logs  # it did try, and was refused
+        assert "taken over" in logs(tmp_path)  # it did try, and was refused
+
+
+def logs(tmp_path) -> str:
+    return "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
 
 
 def test_max_tokens_stops_scheduling_and_resume_finishes(settings, env_for, db):
