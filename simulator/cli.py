@@ -448,8 +448,7 @@ def execute(
             signal.signal(signal.SIGTERM, previous)
         for handler, stream in zip(handlers, streams):
             handler.stream = stream
-    totals = report.totals if report.totals is not None else store.batch_totals(report.batch_id)
-    out.print(display.report_text(report, totals))
+    out.print(display.closing_text(store, report))
     return report
 
 

@@ -270,7 +270,9 @@ def test_a_command_leaves_with_its_output_log_and_status(settings, env_for, tmp_
     names = []
     for i in range(30):  # a listing longer than any buffer a hasty exit could drop
         names.append(f"listed-{i:02d}")
-        path = write_experiment(tmp_path / f"e{i}.yaml", "{provider: scripted, model: s}", names[-1])
+        path = write_experiment(
+            tmp_path / f"e{i}.yaml", "{provider: scripted, model: s}", names[-1]
+        )
         done = subprocess.run(
             [sys.executable, "-m", "simulator", "experiment", "import", path],
             env=env, capture_output=True, text=True, timeout=60,
