@@ -65,6 +65,7 @@ def test_a_live_runner_refuses_a_second_resume(interrupted_batch, db):
         result = cli("resume", batch_id)
         assert result.exit_code == 1, result.output
         assert f"process {sleeper.pid}" in result.output and "being run right now" in result.output
+        assert "simulator work" not in result.output  # a run without workers cannot be joined
         assert "Traceback" not in result.output
         assert messages(store, batch_id) == before  # nothing ran
     finally:
@@ -86,3 +87,27 @@ def test_another_hosts_lease_holds_until_its_heartbeat_is_stale(interrupted_batc
     result = cli("resume", batch_id)
     assert result.exit_code == 0, result.output
     assert all(r.status == "completed" for r in store.list_conversations(batch_id=batch_id))
+
+
+def test_resume_refused_by_a_run_of_workers_says_how_to_join_it(interrupted_batch, db):
+    store, batch_id, cli = interrupted_batch
+    before = messages(store, batch_id)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        worker = {"host": socket.gethostname(), "pid": sleeper.pid, "seconds": 60.0}
+        beat = datetime.now(timezone.utc)
+        db.batches.update_one(
+            {"_id": batch_id},
+            {"$set": {
+                "runner": {**worker, "token": "run1", "heartbeat": beat},
+                "workers": {"w1": {**worker, "heartbeat": beat}},
+            }},
+        )  # fmt: skip
+        result = cli("resume", batch_id)
+        assert result.exit_code == 1, result.output
+        assert "being run right now" in result.output
+        assert f"simulator work {batch_id}" in result.output
+        assert messages(store, batch_id) == before  # nothing ran
+    finally:
+        sleeper.kill()
+        sleeper.wait()

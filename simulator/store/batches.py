@@ -425,9 +425,11 @@ def _live_workers(workers: Any, me: dict[str, Any], server_now: datetime) -> lis
     return live
 
 
-def _busy(batch_id: str, held: LeaseHolder | None) -> UserError:
+def _busy(batch_id: str, held: LeaseHolder | None, *, joinable: bool = False) -> UserError:
+    """`joinable`: the run has live workers, so `simulator work` would join it."""
     who = str(held) if held else "another process"
+    join = f" To help it instead, add a worker: `simulator work {batch_id}`." if joinable else ""
     return UserError(
         f"Batch {batch_id} is being run right now by {who}. Wait for it to finish, or stop it "
-        f"(Ctrl-C there, or kill it), then run `simulator resume {batch_id}` again."
+        f"(Ctrl-C there, or kill it), then run `simulator resume {batch_id}` again.{join}"
     )

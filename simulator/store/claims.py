@@ -103,7 +103,8 @@ class WorkerClaims(Batches):
             if alive:
                 assert holder is not None
                 if not join or not live or not holder.token:
-                    raise _busy(lease.batch_id, live[0] if live else holder)
+                    joinable = bool(live and holder.token)
+                    raise _busy(lease.batch_id, live[0] if live else holder, joinable=joinable)
                 set_ = {f"workers.{lease.token}.{k}": v for k, v in self._worker_doc(lease).items()}
                 set_[f"workers.{lease.token}.heartbeat"] = server_now
                 joined = self._batches.update_one(
