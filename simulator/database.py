@@ -49,15 +49,14 @@ def connect(settings: Settings) -> Database[dict[str, Any]]:
         unreachable = f"The embedded database at {uri} stopped answering: see {server.log_file}."
     log.info("connecting to %s (database %s)", redact_uri(uri), settings.mongodb_db)
     try:
-        # Retryable writes stay on for a real server. The embedded SecantusDB keeps a table
-        # of every retryable write (up to 10,000, for 30 minutes) and scans it on each write:
-        # past a few thousand messages an insert costs 12-14 ms instead of under 1 ms. Our
-        # writes are idempotent by their unique keys, so a retried one cannot duplicate.
+        # Retryable writes stay as MONGODB_URI says (pymongo's default: on). The embedded
+        # SecantusDB keeps a table of every retryable write (up to 10,000, for 30 minutes)
+        # and scans it on each write: past a few thousand messages an insert costs 12-14 ms
+        # instead of under 1 ms, so they are off for it. Our writes are idempotent by their
+        # unique keys, so a retried one cannot duplicate.
+        embedded: dict[str, Any] = {} if settings.mongodb_uri else {"retryWrites": False}
         client: MongoClient[dict[str, Any]] = MongoClient(
-            uri,
-            serverSelectionTimeoutMS=settings.db_timeout_ms,
-            appname=APP_NAME,
-            retryWrites=bool(settings.mongodb_uri),
+            uri, serverSelectionTimeoutMS=settings.db_timeout_ms, appname=APP_NAME, **embedded
         )
     except (ConfigurationError, ValueError) as e:  # bad URI, unknown option, SRV lookup
         # pymongo's message can quote the URI: scrub it, and drop the chained original.

@@ -52,7 +52,9 @@ def mongo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     storage = tmp_path_factory.mktemp("secantus")
     server = SecantusDBServer(host="127.0.0.1", port=0, storage_path=str(storage))
     server.start()
-    yield server.uri
+    # Without retryable writes, as the embedded server is used: SecantusDB scans a table of
+    # every retryable write on each write, which made the suite's later tests ever slower.
+    yield f"{server.uri.rstrip('/')}/?retryWrites=false"
     _stop(server)
 
 
