@@ -229,21 +229,26 @@ class Batches(Tallies):
                 except PyMongoError:
                     pass  # unreleased, it expires; a dead pid on this host frees it at once
 
-    def _claim(self, lease: Lease, *, free: bool = False) -> None:
-        """Take the batch if its lease is free: a compare-and-swap on the runner read,
-        judged by the server's clock."""
+    def _with_server_time(self, batch_id: str, *fields: str) -> tuple[dict, datetime] | None:
+        """The batch's `fields` and the server's clock, read together (None: no such batch)."""
         rows = list(
             self._batches.aggregate(
                 [
-                    {"$match": {"_id": lease.batch_id}},
-                    {"$project": {"runner": 1, "tally.owner": 1, "now": "$$NOW"}},
+                    {"$match": {"_id": batch_id}},
+                    {"$project": {**dict.fromkeys(fields, 1), "now": "$$NOW"}},
                 ]
             )
         )
-        if not rows:
+        return (rows[0], _utc(rows[0]["now"])) if rows else None
+
+    def _claim(self, lease: Lease, *, free: bool = False) -> None:
+        """Take the batch if its lease is free: a compare-and-swap on the runner read,
+        judged by the server's clock."""
+        read = self._with_server_time(lease.batch_id, "runner", "tally.owner")
+        if read is None:
             raise NotFoundError(f"Batch {lease.batch_id} does not exist any more.")
-        held = rows[0].get("runner")
-        server_now = _utc(rows[0]["now"])
+        doc, server_now = read
+        held = doc.get("runner")
         me = {"host": lease.host, "pid": lease.pid}
         holder = _holder(held)
         # `free`: the caller judged the run gone by its workers (Store.worker_lease)
@@ -256,7 +261,7 @@ class Batches(Tallies):
             "seconds": lease.seconds,
             "heartbeat": server_now,
         }
-        owner = (rows[0].get("tally") or {}).get("owner")
+        owner = (doc.get("tally") or {}).get("owner")
         # Totals exact as the last run left them carry over; otherwise they are recounted
         # (the previous runner was killed between a write and its count, or none are kept).
         kept = owner is not None and _tally_trusted(owner, holder, alive=False)

@@ -29,7 +29,7 @@ from pymongo.errors import PyMongoError
 from simulator.errors import LeaseLost, NotFoundError, UserError
 from simulator.status import BatchStatus, ConversationStatus
 from simulator.store.batches import Batches, _busy, _lease_free, _live_workers
-from simulator.store.documents import TALLY_RELEASED, _conversation, _holder, _utc, new_id, now
+from simulator.store.documents import TALLY_RELEASED, _conversation, _holder, new_id, now
 from simulator.store.records import (
     LEASE_SECONDS,
     BatchRecord,
@@ -80,18 +80,10 @@ class WorkerClaims(Batches):
 
     def _join(self, lease: Lease, *, join: bool) -> None:
         for _ in range(20):
-            rows = list(
-                self._batches.aggregate(
-                    [
-                        {"$match": {"_id": lease.batch_id}},
-                        {"$project": {"runner": 1, "workers": 1, "now": "$$NOW"}},
-                    ]
-                )
-            )
-            if not rows:
+            read = self._with_server_time(lease.batch_id, "runner", "workers")
+            if read is None:
                 raise NotFoundError(f"Batch {lease.batch_id} does not exist any more.")
-            doc = rows[0]
-            server_now = _utc(doc["now"])
+            doc, server_now = read
             lease.skew = server_now - datetime.now(timezone.utc)
             me = {"host": lease.host, "pid": lease.pid}
             holder = _holder(doc.get("runner"))
@@ -251,20 +243,13 @@ class WorkerClaims(Batches):
         """Tokens of the batch's workers that are gone (dead pid on this host, or silent for
         longer than their lease), removed from the batch; the totals, which one of them
         may have left between a write and its count, are recounted."""
-        rows = list(
-            self._batches.aggregate(
-                [
-                    {"$match": {"_id": lease.batch_id}},
-                    {"$project": {"workers": 1, "now": "$$NOW"}},
-                ]
-            )
-        )
-        if not rows:
+        read = self._with_server_time(lease.batch_id, "workers")
+        if read is None:
             return set()
-        server_now = _utc(rows[0]["now"])
+        doc, server_now = read
         me = {"host": lease.host, "pid": lease.pid}
         dead = set()
-        for token, w in (rows[0].get("workers") or {}).items():
+        for token, w in (doc.get("workers") or {}).items():
             holder = _holder(w)
             if token != lease.token and holder is not None and _lease_free(holder, me, server_now):
                 dead.add(token)
