@@ -581,9 +581,19 @@ class _BatchRun:
         pending, and none running under another worker (which may die: then its
         conversation is claimed and continued here)."""
         assert self.lease is not None
+        late_since: float | None = None
         while not self.stop.is_set():
             if self._budget_spent():
                 return None
+            if self.lease.late:
+                # After a stall, a conversation thread may wake before the heartbeat thread:
+                # wait for a heartbeat to land (one lease at most; if none does, the
+                # database is gone and the claim below says so).
+                late_since = late_since or time.monotonic()
+                if time.monotonic() - late_since < self.lease.seconds:
+                    if self.stop.wait(min(self.options.poll, self.lease.seconds / 10)):
+                        return None
+                    continue
             record = self.store.claim_conversation(self.lease, dead=self.dead)
             if record is not None:
                 return record
@@ -645,9 +655,10 @@ class _BatchRun:
         except LeaseLost as e:
             assert self.lease is not None
             if self.lease.held:
-                # The conversation was taken over, or this worker was silent for too long
-                # (then, unless another took it, it claims it again once its claim is stale).
+                # The conversation was taken over, or this worker was not heard from for too
+                # long (then, unless another took it since, it claims it again at once).
                 log.warning("conversation %s was taken over by another worker: %s", record.id, e)
+                self.store.release_claim(self.lease, record.id, unfinished=True)
                 return
             self._lease_failed(e)
         except (StorageError, PyMongoError) as e:

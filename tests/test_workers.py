@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from typer.testing import CliRunner
 
 from simulator.cli import app
+from simulator.experiment import experiment_from_yaml
+from simulator.grid import make_grid
+from simulator.llm.retry import RetryPolicy
+from simulator.runner import RunOptions, start_batch
 from simulator.store import Store
 from tests.scenarios import PRISON_ONE
 from tests.servers import FakeLLMServer, write_experiment
@@ -165,6 +170,52 @@ def test_a_worker_whose_claim_was_taken_over_writes_nothing_more(settings, env_f
         assert doc["status"] == "completed" and doc["claim"]["pid"] == worker.pid
         assert db.messages.count_documents({"conversation_id": conv_id}) == 6
         assert "taken over" in logs(tmp_path)  # it did try, and was refused
+
+
+def test_a_worker_stalled_past_its_lease_waits_for_its_heartbeat_and_goes_on(db, tmp_path, caplog):
+    """After a stall of the whole process (SIGSTOP, a paused VM) its heartbeat is late. A
+    conversation thread that wakes before the heartbeat thread stops writing to its
+    conversation (another worker may have taken it over), then waits for the heartbeat to
+    land instead of stopping the batch, and continues the conversation after its last stored
+    message once its claim is stale. (The stall is the lease's last heartbeat set back, as a
+    stopped process finds it; CI once saw the batch stop here.)"""
+    store = Store.open(db, "alice")
+    server = StalledOnce(store)
+    options = RunOptions(retry=RetryPolicy(base_delay=0), lease_seconds=1.5, poll=0.05)
+    with server.fake:
+        text = Path(llm_yaml(tmp_path, server.fake)).read_text()
+        exp = store.insert_experiment(experiment_from_yaml(text, "workers.yaml"))
+        grid = make_grid(
+            exp, llms=None, messages=6, days=2, agents="guard=1,prisoner=2",
+            speakers=["round_robin"],
+        )  # fmt: skip
+        reference = start_batch(store, exp, grid, options)
+        assert reference.status == "completed"
+        reference_calls = server.fake.calls
+        server.stall_at = reference_calls + 3
+        with caplog.at_level("WARNING"):
+            report = start_batch(store, exp, grid, options)
+    assert "taken over" in caplog.text  # the stall was seen by a conversation thread first
+    assert report.status == "completed", report
+    assert transcripts(store, report.batch_id) == transcripts(store, reference.batch_id)
+    # what was not stored when the stall was seen (the answer in flight, and the record being
+    # written) was dropped and asked again: one or two calls more than uninterrupted
+    assert reference_calls + 1 <= server.fake.calls - reference_calls <= reference_calls + 2
+
+
+class StalledOnce:
+    """A local LLM server; at call `stall_at` the runner's worker lease is found stalled."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.stall_at = 0
+        self.fake = FakeLLMServer(models={"m1:latest"}, reply=self.reply)
+
+    def reply(self, body: dict[str, Any]) -> str:
+        if self.fake.calls == self.stall_at:
+            (lease,) = self.store._leases.values()
+            lease.beat_at -= 60  # no heartbeat landed for a minute
+        return deterministic_reply(body)
 
 
 def logs(tmp_path) -> str:

@@ -169,6 +169,16 @@ class WorkerClaims(Batches):
         then those left by a worker that is gone, or failed in an earlier run.
         """
         lease.check()
+        running = ConversationStatus.RUNNING.value
+        while True:  # first those it let go while late, if no other worker took them since
+            with lease.claiming:
+                if not lease.let_go:
+                    break
+                conv_id = lease.let_go.pop()
+            mine = {"_id": conv_id, "status": running, "claim.token": lease.token}
+            record = self._take(lease, mine)
+            if record is not None:
+                return record
         waiting = [ConversationStatus.PENDING.value, ConversationStatus.INTERRUPTED.value]
         while True:
             with lease.claiming:
@@ -185,7 +195,6 @@ class WorkerClaims(Batches):
             if record is not None:
                 return record
         epoch = lease.owner
-        running = ConversationStatus.RUNNING.value
         stale = datetime.now(timezone.utc) + lease.skew - timedelta(seconds=lease.seconds)
         ways: list[dict[str, Any]] = [
             {"status": {"$in": waiting}},
@@ -235,9 +244,14 @@ class WorkerClaims(Batches):
             self._tally_stale(lease.batch_id)
         return _conversation(before)
 
-    def release_claim(self, lease: Lease, conv_id: str) -> None:
-        """This worker is done with the conversation (its status says how it ended)."""
+    def release_claim(self, lease: Lease, conv_id: str, *, unfinished: bool = False) -> None:
+        """This worker is done with the conversation (its status says how it ended).
+        `unfinished`: it stopped writing to it, taken over or not heard from for too long;
+        in the latter case the claim is still its own, and it is claimed again first."""
         lease.conversations.discard(conv_id)
+        if unfinished:
+            with lease.claiming:
+                lease.let_go.append(conv_id)
 
     def reap_workers(self, lease: Lease) -> set[str]:
         """Tokens of the batch's workers that are gone (dead pid on this host, or silent for

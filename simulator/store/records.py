@@ -86,6 +86,7 @@ class Lease:
     beat_at: float = field(default_factory=time.monotonic)  # its last heartbeat that landed
     conversations: set[str] = field(default_factory=set)  # claimed and not finished
     lost_conversations: set[str] = field(default_factory=set)  # taken over by another worker
+    let_go: list[str] = field(default_factory=list)  # left unfinished while late: retaken first
     skew: timedelta = field(default_factory=timedelta)  # the server's clock minus ours
     pending: list[str] = field(default_factory=list)  # ids of pending conversations to try
     claiming: threading.Lock = field(default_factory=threading.Lock)
@@ -99,10 +100,16 @@ class Lease:
     def held(self) -> bool:
         return not (self.lost.is_set() or self.released.is_set())
 
+    @property
+    def late(self) -> bool:
+        """A worker not heard from for longer than its lease: its heartbeat has not landed
+        (a stalled process, an unreachable database); others may take its conversations."""
+        return self.worker and self.held and time.monotonic() - self.beat_at > self.seconds
+
     def check(self, conv_id: str | None = None) -> None:
         """Raise LeaseLost unless this run still holds the batch (and, for a worker, the
         conversation `conv_id`)."""
-        if self.worker and self.held and time.monotonic() - self.beat_at > self.seconds:
+        if self.late:
             # Not heard of for longer than the lease: others may have taken its
             # conversations over. Nothing is written until a heartbeat lands again.
             raise LeaseLost(
