@@ -430,8 +430,8 @@ def execute(
     on_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, stop) if on_main else None
     try:
-        with display.ProgressView(err, live=False if plain else None) as view:
-            options.on_progress = view
+        with display.batch_views(err, live=False if plain else None) as (pulls, progress):
+            options.pull_progress, options.on_progress = pulls, progress
             report = fn(options)
     except KeyboardInterrupt:
         err.print("Interrupted before the batch started.", highlight=False)

@@ -134,6 +134,8 @@ def run_scorers(
     if not records:
         raise UserError("No ended conversations to score there (see `simulator conversations`).")
     settings = load_settings()
+    from simulator import display
+
     with Progress(console=err, transient=True) as progress:
         task = progress.add_task("Scoring", total=None)
 
@@ -155,10 +157,10 @@ def run_scorers(
             retry=retry_policy(settings),
             on_progress=on_progress,
             cache=ResponseCache(store) if cache else None,
+            pull_progress=display.PullView(progress.console, live=False),  # lines above the bar
         )
         report = score(store, exp, records, scorers, options)
     again = "Run the same `simulator score` command again"
-    from simulator import display
 
     for line, problem in display.score_report_lines(report, [s.name for s in scorers], again):
         (err if problem else out).print(line, markup=False)

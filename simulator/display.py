@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import os
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from rich.cells import cell_len
@@ -535,6 +536,79 @@ def rate_text(count: int, elapsed: float) -> str:
     if rate >= 1:
         return f"{rate:.1f}"
     return f"{rate:.2g}"
+
+
+class PullView:
+    """Ollama pulls before a batch or scoring: called with (model label, bytes done, bytes
+    total, status). Live: a download bar per model, started on the first report (most
+    commands pull nothing) and stopped by `close()` (rich draws one live display at a time).
+    Plain: a line when a model's status changes, and one per tenth of a download."""
+
+    def __init__(self, console: Console, *, live: bool | None = None):
+        self.console = console
+        self.live = console.is_terminal if live is None else live
+        self.lock = threading.Lock()
+        self._progress: Progress | None = None
+        self._tasks: dict[str, Any] = {}
+        self._said: dict[str, tuple[str, int]] = {}  # label: (status, tenth) last printed
+
+    def __enter__(self) -> PullView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self.lock:
+            if self._progress is not None:
+                self._progress.stop()
+                self._progress = None
+
+    def __call__(self, label: str, done: int, total: int, status: str) -> None:
+        with self.lock:
+            if self.live:
+                self._draw(label, done, total, status)
+                return
+            tenth = done * 10 // total if total else 0
+            if self._said.get(label) != (status, tenth):
+                self._said[label] = (status, tenth)
+                share = f" {tenth * 10}%" if total else ""
+                self.console.print(f"{label}: {status}{share}", markup=False, highlight=False)
+
+    def _draw(self, label: str, done: int, total: int, status: str) -> None:
+        from rich.progress import DownloadColumn, TransferSpeedColumn
+
+        if self._progress is None:
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                console=self.console,
+            )
+            self._progress.start()
+            self._tasks = {}
+        if label not in self._tasks:
+            self._tasks[label] = self._progress.add_task(label, total=None)
+        description = f"{label} {status}".strip()
+        self._progress.update(
+            self._tasks[label], description=description, completed=done, total=total or None
+        )
+
+
+@contextlib.contextmanager
+def batch_views(
+    console: Console, *, live: bool | None = None
+) -> Iterator[tuple[PullView, Callable[[ProgressEvent], None]]]:
+    """What a batch shows, in every front end: its Ollama pulls, then its progress (the
+    pulls' display closes at the batch's first event)."""
+    with PullView(console, live=live) as pulls, ProgressView(console, live=live) as view:
+
+        def progress(event: ProgressEvent) -> None:
+            pulls.close()  # pulls are over once the batch reports
+            view(event)
+
+        yield pulls, progress
 
 
 class ProgressView:

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from servers import FakeLLMServer, count_tokens, echo_reply
+from servers import FakeLLMServer, count_tokens, echo_reply, write_experiment
 
 import simulator.llm.openai as openai_provider
 from simulator.errors import (
@@ -306,10 +306,19 @@ def test_ollama_not_running() -> None:
     with pytest.raises(ProviderUnavailable) as info:
         model.check()
     message = str(info.value)
-    assert model.host in message and "ollama serve" in message and "OLLAMA_HOST" in message
+    # its own base_url is used, not OLLAMA_HOST: the message points at the former
+    assert model.host in message and "ollama serve" in message and "base_url" in message
+    assert "OLLAMA_HOST" not in message
     with pytest.raises(ProviderUnavailable) as info:
         model.chat(MESSAGES)
     assert info.value.retryable
+
+
+def test_ollama_not_running_at_ollama_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{closed_port()}")
+    with pytest.raises(ProviderUnavailable) as info:
+        OllamaModel(ModelSpec("llama3")).check()
+    assert "ollama serve" in str(info.value) and "set OLLAMA_HOST" in str(info.value)
 
 
 def test_ollama_host_from_environment(
@@ -344,6 +353,29 @@ def test_preflight_pulls_missing_model_with_progress(server: FakeLLMServer) -> N
     assert "mistral:latest" in server.installed
     assert ("ollama/mistral:latest", 300, 300, "pulling abababababab") in progress
     assert progress[-1][3] == "success"
+
+
+def test_run_shows_the_pull_of_a_missing_model(tmp_path, settings, env_for) -> None:
+    """`simulator run` pulls a missing Ollama model before the batch and shows it (plain: a
+    line per step of the pull), then runs the batch on it."""
+    from typer.testing import CliRunner
+
+    from simulator.cli import app
+
+    with FakeLLMServer(models=set()) as fake:
+        yaml = write_experiment(
+            tmp_path / "pull.yaml", f"{{model: mistral, provider: ollama, base_url: '{fake.url}'}}"
+        )
+        args = ["run", yaml, "--messages", "2", "--days", "1", "--plain"]
+        result = CliRunner().invoke(app, args, env=env_for(settings))
+        pulls, chats = fake.bodies("/api/pull"), fake.calls
+    assert result.exit_code == 0, result.output
+    assert [p["model"] for p in pulls] == ["mistral:latest"] and chats >= 2
+    shown = [
+        line for line in result.output.splitlines() if line.startswith("ollama/mistral:latest:")
+    ]
+    assert shown[0] == "ollama/mistral:latest: pulling manifest", result.output
+    assert shown[-1] == "ollama/mistral:latest: success" and len(shown) == 7, result.output
 
 
 def test_preflight_stops_on_unpullable_model(server: FakeLLMServer) -> None:

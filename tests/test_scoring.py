@@ -446,3 +446,35 @@ def test_a_judge_whose_llm_cannot_be_used_is_refused_before_any_call(
     assert "'goal'" not in result.output  # the experiment's judges passed their check
     assert store.list_scores(experiment_id=exp.id) == []
     assert db["scores"].count_documents({}) == 0
+
+
+def test_a_judge_model_missing_on_ollama_is_pulled_and_the_pull_shown(
+    db, judged, tmp_path, settings, env_for
+):
+    """`simulator score` pulls a judge's missing Ollama model before the first call, as a
+    batch does, and shows it: a line per step of the pull, not one per chunk."""
+    store, exp, batch_id = judged
+    with FakeLLMServer(models=set(), reply=lambda body: "Yes") as ollama:
+        path = tmp_path / "judges.yaml"
+        path.write_text(
+            "scorers:\n  verdict:\n    kind: judge\n"
+            f"    llm: {{model: judge-model, provider: ollama, base_url: '{ollama.url}'}}\n"
+            "    rubric: Did they agree?\n    answer: choice\n    labels: [Yes, No]\n"
+        )
+        result = CliRunner().invoke(
+            app, ["score", batch_id, "--scorers", str(path)], env=env_for(settings)
+        )
+        pulls = ollama.bodies("/api/pull")
+    assert result.exit_code == 0, result.output
+    assert [p["model"] for p in pulls] == ["judge-model:latest"]
+    shown = [line for line in result.output.splitlines() if "judge-model" in line]
+    assert shown == [
+        "ollama/judge-model:latest: pulling manifest",
+        "ollama/judge-model:latest: pulling abababababab 30%",
+        "ollama/judge-model:latest: pulling abababababab 60%",
+        "ollama/judge-model:latest: pulling abababababab 100%",
+        "ollama/judge-model:latest: verifying sha256 digest",
+        "ollama/judge-model:latest: writing manifest",
+        "ollama/judge-model:latest: success",
+    ], result.output
+    assert len(store.list_scores(experiment_id=exp.id, scorer="verdict")) == 3

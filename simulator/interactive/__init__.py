@@ -1,6 +1,6 @@
 """The interactive menus (`simulator` with no command): the only package that imports questionary.
 
-questions.py  the questionary wrappers (Questions, Cancelled, PullBar, manual_chooser)
+questions.py  the questionary wrappers (Questions, Cancelled, manual_chooser)
 menus.py      main menu, experiment list, one experiment, its conversations
 run.py        perform new conversations: ask for the grid, run the batch
 wizard.py     create / duplicate-and-update an experiment

@@ -1,8 +1,8 @@
 """The questionary questions of the interactive menus: the only module that imports questionary.
 
 Questions asks on one terminal (or a test's pipe input) and turns Ctrl-C, Esc and the end of
-the input into Cancelled; required and comma_list check and split its text answers. PullBar
-draws Ollama pulls; manual_chooser asks who speaks next. Choice and Separator are re-exported
+the input into Cancelled; required and comma_list check and split its text answers;
+manual_chooser asks who speaks next. Choice and Separator are re-exported
 so the other modules need not import questionary.
 """
 
@@ -17,20 +17,12 @@ from prompt_toolkit.key_binding import KeyBindings, merge_key_bindings
 from prompt_toolkit.output import Output
 from questionary import Choice, Separator
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TransferSpeedColumn,
-)
 
 from simulator.conversation import Agent, ManualChooser, Message
 
 __all__ = [
     "Cancelled",
     "Choice",
-    "PullBar",
     "Questions",
     "Separator",
     "comma_list",
@@ -197,46 +189,6 @@ def _number_problem(
         upper = f" to {maximum:g}" if maximum is not None else " or more"
         return f"Allowed: {minimum:g}{upper}."
     return None
-
-
-class PullBar:
-    """A rich progress bar for Ollama pulls: called with (model label, done, total, status)."""
-
-    def __init__(self, console: Console):
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            console=console,
-        )
-        self.tasks: dict[str, Any] = {}
-        self.started = False
-
-    def __enter__(self) -> PullBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Stop drawing (rich allows one live display at a time)."""
-        if self.started:
-            self.progress.stop()
-            self.started = False
-
-    def __call__(self, label: str, done: int, total: int, status: str) -> None:
-        if not self.started:  # started on the first report: most batches pull nothing
-            self.progress.start()
-            self.started = True
-        if label not in self.tasks:
-            self.tasks[label] = self.progress.add_task(label, total=None)
-        self.progress.update(
-            self.tasks[label],
-            description=f"{label} {status}".strip(),
-            completed=done,
-            total=total or None,
-        )
 
 
 def manual_chooser(*, input: Input | None = None, output: Output | None = None) -> ManualChooser:

@@ -7,12 +7,10 @@ summary (display.closing_text: the runner's own counts of the batch it started).
 
 from __future__ import annotations
 
-from typing import Any
-
 from simulator import display
 from simulator.experiment import SPEAKER_METHODS, Experiment
 from simulator.grid import make_grid
-from simulator.interactive.questions import Choice, PullBar, Questions, manual_chooser
+from simulator.interactive.questions import Choice, Questions, manual_chooser
 from simulator.interactive.wizard import llm_title
 from simulator.runner import options_from_settings, start_batch
 from simulator.settings import load_settings
@@ -77,17 +75,8 @@ def run_conversations(store: Store, q: Questions, exp: Experiment) -> None:
         on_warning=lambda w: q.say(f"Warning: {w}", style="yellow"),
     )
     # the live display and the manual speaker question cannot share the screen
-    with (
-        PullBar(q.console) as bar,
-        display.ProgressView(q.console, live=False if manual else None) as view,
-    ):
-        options.pull_progress = bar
-
-        def progress(event: Any) -> None:
-            bar.close()  # pulls are over once the batch reports
-            view(event)
-
-        options.on_progress = progress
+    with display.batch_views(q.console, live=False if manual else None) as (pulls, progress):
+        options.pull_progress, options.on_progress = pulls, progress
         report = start_batch(store, exp, grid, options)
     q.console.print(display.closing_text(store, report))  # as `run` prints it
     if report.status != "completed":

@@ -91,6 +91,7 @@ class ScoresMenu:
                 concurrency=settings.concurrency,
                 retry=retry_policy(settings),
                 on_progress=on_progress,
+                pull_progress=display.PullView(progress.console, live=False),
             )
             report = score(self.store, self.exp, records, chosen, options)
         for line, problem in display.score_report_lines(report, [s.name for s in chosen]):

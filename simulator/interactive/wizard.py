@@ -15,6 +15,7 @@ from typing import Any
 from rich.panel import Panel
 from rich.text import Text
 
+from simulator import display
 from simulator.errors import ProviderError, ValidationError
 from simulator.experiment import (
     PROVIDERS,
@@ -29,7 +30,6 @@ from simulator.experiment import (
 from simulator.interactive.questions import (
     Cancelled,
     Choice,
-    PullBar,
     Questions,
     comma_list,
     required,
@@ -240,8 +240,8 @@ def offer_pull(q: Questions, spec: ModelSpec) -> bool:
         q.say("It will be pulled before the first batch that uses it.")
         return True
     try:
-        with PullBar(q.console) as bar:
-            preflight([spec], pull_progress=bar)  # what a batch runs first: pulls when missing
+        with display.PullView(q.console) as pulls:
+            preflight([spec], pull_progress=pulls)  # what a batch runs first: pulls when missing
     except ProviderError as e:
         q.error(str(e))
         return q.confirm(f"Keep {spec.label} in the experiment anyway?", default=False)

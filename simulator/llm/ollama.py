@@ -78,9 +78,11 @@ class OllamaModel:
         )
 
     def _unreachable(self) -> ProviderUnavailable:
-        return ProviderUnavailable(
-            f"Cannot reach Ollama at {self.host}: start it with `ollama serve` or set OLLAMA_HOST"
-        )
+        if self.spec.url:  # the experiment's (or scorer's) own base_url: OLLAMA_HOST is not used
+            how = f"start `ollama serve` there, or correct the base_url given for {self.name}"
+        else:
+            how = "start it with `ollama serve` or set OLLAMA_HOST"
+        return ProviderUnavailable(f"Cannot reach Ollama at {self.host}: {how}")
 
     def _missing(self) -> ModelNotFound:
         return ModelNotFound(

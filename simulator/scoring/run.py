@@ -59,6 +59,7 @@ class ScoreOptions:
     grace: float = 5.0  # seconds calls in flight get once scoring stops
     on_progress: Callable[[ScoreProgress], None] | None = None
     cache: ResponseCache | None = None  # --cache: reuse stored judge responses (issue 13)
+    pull_progress: Callable[[str, int, int, str], None] | None = None  # judge models pulled
 
 
 @dataclass
@@ -294,7 +295,7 @@ class ScoringRun:
 
         def check(group: tuple[ModelSpec, list[str]]) -> list[str] | UserError:
             try:
-                return preflight([group[0]])
+                return preflight([group[0]], pull_progress=self.options.pull_progress)
             except UserError as e:
                 return e
 
