@@ -40,6 +40,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "latest.json"
 MODEL = "bench"  # the model name both APIs answer to ("bench:latest" for Ollama)
+# `python -m simulator`: what the console script runs, from whichever checkout is on
+# PYTHONPATH (a script installed by one checkout may name a function another lacks).
+SIMULATOR = [sys.executable, "-m", "simulator"]
 AGENTS = "guard=2,prisoner=2"
 DAYS = 1
 
@@ -138,27 +141,40 @@ class BusyLoops:
 
 
 def serve(conn: Connection) -> None:
-    """Child process: run FakeLLMServer and answer commands from the parent over `conn`."""
+    """Child process: run FakeLLMServer and answer commands from the parent over `conn`.
+    `reset` takes the latency per call, or (latency, cap): at most `cap` calls in service at
+    once, the others waiting in its queue (a GPU server with `cap` slots)."""
     sys.path.insert(0, str(ROOT))
     from tests.servers import FakeLLMServer
 
     class TimedServer(FakeLLMServer):
-        """Also remembers when the first chat call arrived and the last one was answered."""
+        """Also remembers when the first chat call arrived and the last one was answered,
+        and the peak of calls in service under its cap."""
 
         first: float | None = None
         last: float | None = None
+        slots: threading.Semaphore | None = None
+        serving = 0
+        peak_serving = 0
 
         def _enter_chat(self) -> int | None:
+            if self.slots is not None:
+                self.slots.acquire()
             with self._lock:
                 if self.first is None:
                     # CLOCK_MONOTONIC is system-wide on Linux: comparable with the parent's.
                     self.first = time.monotonic()
+                self.serving += 1
+                self.peak_serving = max(self.peak_serving, self.serving)
             return super()._enter_chat()
 
         def _leave_chat(self) -> None:
             super()._leave_chat()
             with self._lock:
                 self.last = time.monotonic()
+                self.serving -= 1
+            if self.slots is not None:
+                self.slots.release()
 
     server = TimedServer(models={MODEL, f"{MODEL}:latest"})
     server.start()
@@ -166,9 +182,12 @@ def serve(conn: Connection) -> None:
     while True:
         command, arg = conn.recv()
         if command == "reset":
+            latency, cap = arg if isinstance(arg, tuple) else (arg, None)
             server.reset()
-            server.latency = arg
+            server.latency = latency
+            server.slots = threading.Semaphore(cap) if cap else None
             server.first = server.last = None
+            server.serving = server.peak_serving = 0
             conn.send(None)
         elif command == "stats":
             with server._lock:
@@ -176,6 +195,7 @@ def serve(conn: Connection) -> None:
                     {
                         "calls": server.calls,
                         "peak_in_flight": server.peak_in_flight,
+                        "peak_serving": server.peak_serving,
                         "first": server.first,
                         "last": server.last,
                     }
@@ -344,9 +364,7 @@ class Bench:
         self.workdir = workdir
         self.server = server
         self.env = bench_environment(workdir, workdir / "data")
-        # `python -m simulator`: what the console script runs, from whichever checkout is on
-        # PYTHONPATH (a script installed by one checkout may name a function another lacks).
-        self.simulator = [sys.executable, "-m", "simulator"]
+        self.simulator = SIMULATOR
         self.experiments = {p: self._write_experiment(p) for p in ("openai", "ollama")}
         self.db_pid: int | None = None
 

@@ -26,17 +26,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import bench_environment, prison_scenario  # noqa: E402
+from bench.run import SIMULATOR, bench_environment, prison_scenario  # noqa: E402
 
 MESSAGES = 4
 TARGET_S = 2.0
-
-
-def simulator_cmd() -> list[str]:
-    script = Path(sys.executable).parent / "simulator"
-    if os.access(script, os.X_OK):
-        return [str(script)]
-    return [sys.executable, "-c", "from simulator.cli import app; app()"]
 
 
 def cli(
@@ -44,7 +37,7 @@ def cli(
 ) -> tuple[float, subprocess.CompletedProcess]:
     started = time.monotonic()
     done = subprocess.run(
-        [*simulator_cmd(), *args],
+        [*SIMULATOR, *args],
         env=env,
         cwd=workdir,
         stdin=subprocess.DEVNULL,

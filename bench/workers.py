@@ -24,7 +24,6 @@ conversation completed exactly once (calls == conversations x calls each).
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import re
 import shutil
 import subprocess
@@ -32,7 +31,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +38,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.run import bench_environment, prison_scenario  # noqa: E402
-
-MODEL = "bench"
+from bench.run import (  # noqa: E402
+    MODEL,
+    SIMULATOR,
+    LLMServerProcess,
+    bench_environment,
+    prison_scenario,
+)
 
 
 @dataclass
@@ -65,67 +67,7 @@ SCENARIOS = [
 ]
 
 
-def serve(conn: Connection) -> None:
-    """Child process: a FakeLLMServer with at most `cap` calls in service at once."""
-    import threading
-
-    from tests.servers import FakeLLMServer
-
-    class CappedServer(FakeLLMServer):
-        first: float | None = None
-        last: float | None = None
-        slots: threading.Semaphore = threading.Semaphore(1)
-        serving = 0
-        peak_serving = 0
-
-        def _enter_chat(self) -> int | None:
-            self.slots.acquire()
-            with self._lock:
-                self.first = self.first or time.monotonic()
-                self.serving += 1
-                self.peak_serving = max(self.peak_serving, self.serving)
-            return super()._enter_chat()
-
-        def _leave_chat(self) -> None:
-            super()._leave_chat()
-            with self._lock:
-                self.last = time.monotonic()
-                self.serving -= 1
-            self.slots.release()
-
-    server = CappedServer(models={MODEL, f"{MODEL}:latest"})
-    server.start()
-    conn.send(server.port)
-    while True:
-        command, arg = conn.recv()
-        if command == "reset":
-            latency, cap = arg
-            server.reset()
-            server.latency = latency
-            server.slots = threading.Semaphore(cap)
-            server.first = server.last = None
-            server.serving = server.peak_serving = 0
-            conn.send(None)
-        elif command == "stats":
-            conn.send(
-                {
-                    "calls": server.calls,
-                    "peak": server.peak_serving,
-                    "first": server.first,
-                    "last": server.last,
-                }
-            )
-        else:
-            server.stop()
-            conn.send(None)
-            return
-
-
-def simulator_cmd() -> list[str]:
-    return [sys.executable, "-c", "from simulator.cli import app; app()"]
-
-
-def run_once(s: Scenario, workers: int, port: int, conn: Connection) -> dict[str, Any]:
+def run_once(s: Scenario, workers: int, server: LLMServerProcess) -> dict[str, Any]:
     from simulator.experiment import experiment_to_dict
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-workers-"))
@@ -133,16 +75,15 @@ def run_once(s: Scenario, workers: int, port: int, conn: Connection) -> dict[str
         env = bench_environment(workdir, workdir / "data")
         exp = experiment_to_dict(prison_scenario())
         exp["llms"] = [
-            {"model": MODEL, "provider": "openai", "base_url": f"http://127.0.0.1:{port}/v1"}
+            {"model": MODEL, "provider": "openai", "base_url": f"http://127.0.0.1:{server.port}/v1"}
         ]
         path = workdir / "bench.yaml"
         path.write_text(yaml.safe_dump(exp, sort_keys=False))
         subprocess.run(
-            [*simulator_cmd(), "experiment", "import", str(path)], env=env, check=True,
+            [*SIMULATOR, "experiment", "import", str(path)], env=env, check=True,
             capture_output=True,
         )  # fmt: skip
-        conn.send(("reset", (s.latency, s.cap)))
-        conn.recv()
+        server.call("reset", (s.latency, s.cap))
         grid = [
             "--llm", MODEL, "--messages", str(s.messages), "--days", "1", "--agents",
             "guard=2,prisoner=2", "--speaker", "round_robin", "--repetitions",
@@ -152,7 +93,7 @@ def run_once(s: Scenario, workers: int, port: int, conn: Connection) -> dict[str
         started = time.monotonic()
         procs = [
             subprocess.Popen(
-                [*simulator_cmd(), "run", str(path), *grid],
+                [*SIMULATOR, "run", str(path), *grid],
                 env=env, stdout=subprocess.DEVNULL, stderr=logs[0],
             )
         ]  # fmt: skip
@@ -168,7 +109,7 @@ def run_once(s: Scenario, workers: int, port: int, conn: Connection) -> dict[str
             for i in range(1, workers):
                 procs.append(
                     subprocess.Popen(
-                        [*simulator_cmd(), "work", batch, *work],
+                        [*SIMULATOR, "work", batch, *work],
                         env=env, stdout=subprocess.DEVNULL, stderr=logs[i],
                     )
                 )  # fmt: skip
@@ -176,9 +117,8 @@ def run_once(s: Scenario, workers: int, port: int, conn: Connection) -> dict[str
         wall = time.monotonic() - started
         for f in logs:
             f.close()
-        conn.send(("stats", None))
-        stats = conn.recv()
-        subprocess.run([*simulator_cmd(), "db", "stop"], env=env, capture_output=True)
+        stats = server.call("stats")
+        subprocess.run([*SIMULATOR, "db", "stop"], env=env, capture_output=True)
         span = (stats["last"] or 0) - (stats["first"] or 0)
         return {
             "workers": workers,
@@ -186,7 +126,7 @@ def run_once(s: Scenario, workers: int, port: int, conn: Connection) -> dict[str
             "wall": wall,
             "span": span,
             "rate": stats["calls"] / span if span else 0.0,
-            "peak": stats["peak"],
+            "peak": stats["peak_serving"],
             "calls": stats["calls"],
             "exact": stats["calls"] == s.calls,
         }
@@ -198,11 +138,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=[s.name for s in SCENARIOS])
     args = parser.parse_args()
-    context = multiprocessing.get_context("spawn")
-    conn, child = context.Pipe()
-    server = context.Process(target=serve, args=(child,), daemon=True)
-    server.start()
-    port = conn.recv()
+    server = LLMServerProcess()
     try:
         print(
             f"{'scenario':8} {'workers':>7} {'wall s':>7} {'span s':>7} {'calls/s':>8} "
@@ -212,7 +148,7 @@ def main() -> int:
             if args.only and s.name != args.only:
                 continue
             for workers in (1, 3):
-                r = run_once(s, workers, port, conn)
+                r = run_once(s, workers, server)
                 print(
                     f"{s.name:8} {workers:>7} {r['wall']:>7.1f} {r['span']:>7.1f} "
                     f"{r['rate']:>8.1f} {r['peak']:>5} {r['calls']:>6} "
@@ -220,8 +156,7 @@ def main() -> int:
                     flush=True,
                 )
     finally:
-        conn.send(("stop", None))
-        conn.recv()
+        server.stop()
     return 0
 
 
