@@ -591,9 +591,12 @@ class PullView:
         if label not in self._tasks:
             self._tasks[label] = self._progress.add_task(label, total=None)
         description = f"{label} {status}".strip()
-        self._progress.update(
-            self._tasks[label], description=description, completed=done, total=total or None
-        )
+        if total:  # a layer's download; steps without a size keep the last layer's bar
+            self._progress.update(
+                self._tasks[label], description=description, completed=done, total=total
+            )
+        else:
+            self._progress.update(self._tasks[label], description=description)
 
 
 @contextlib.contextmanager
