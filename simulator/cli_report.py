@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 
+from simulator.cli_scoring import SCORERS_FILE_OPTION
 from simulator.frontend import err, friendly, open_store, out
 
 
@@ -45,19 +46,34 @@ def report_command(
     out_dir: Path = typer.Option(
         ..., "--out", "-o", metavar="DIR", help="Folder for report.html, tables/ and figures/."
     ),
+    scorers_file: Path | None = SCORERS_FILE_OPTION,
 ) -> None:
     """Write the results: design, answers, attempt/success rates, means, regressions and
     agreement as one HTML page plus csv tables and PNG/SVG figures."""
-    friendly(_report)(ref, by or [], scorer or [], usable_only, where or [], out_dir)
+    friendly(_report)(ref, by or [], scorer or [], usable_only, where or [], out_dir, scorers_file)
 
 
 def _report(
-    ref: str, by: list[str], scorers: list[str], usable_only: bool, where: list[str], out_dir: Path
+    ref: str,
+    by: list[str],
+    scorers: list[str],
+    usable_only: bool,
+    where: list[str],
+    out_dir: Path,
+    scorers_file: Path | None,
 ) -> None:
     from simulator.analysis.report import write_report
+    from simulator.scoring.definition import load_scorers_file
 
     result = write_report(
-        open_store(), ref, out_dir, by=by, scorers=scorers, usable_only=usable_only, where=where
+        open_store(),
+        ref,
+        out_dir,
+        by=by,
+        scorers=scorers,
+        usable_only=usable_only,
+        where=where,
+        extra_scorers=load_scorers_file(scorers_file) if scorers_file else None,
     )
     for notice in result.notices:
         err.print(notice, markup=False)

@@ -26,6 +26,7 @@ from simulator.conversation import Agent, Message, Transcript, Usage
 from simulator.experiment import experiment_from_yaml
 from simulator.grid import make_grid
 from simulator.quality import Quality
+from simulator.scoring.definition import load_scorers_file
 from simulator.scoring.run import scorers_for
 from simulator.store import Score, Store
 
@@ -485,6 +486,47 @@ def test_report_command_and_its_errors(db, settings, env_for, tmp_path):
     bad = runner.invoke(app, ["report", truth.exp_id[:8], "--scorer", "nope", "--out",
                               str(tmp_path / "x")], env=env)  # fmt: skip
     assert bad.exit_code == 1 and "--scorer nope" in bad.output and "goal" in bad.output
+
+
+def test_report_and_agreement_take_a_scorers_file_and_point_at_other_versions(
+    db, settings, env_for, tmp_path
+):
+    """The judge of `goal` re-run with another LLM is a new version with one source; the
+    human's answers belong to the version they annotated. `report` and `agreement` say that
+    the other version has two sources, and `--scorers FILE` with its definition reports it."""
+    store = Store.open(db, "alice")
+    truth = build(store, repetitions=2)
+    exp = store.get_experiment(truth.exp_id)
+    (goal,) = [s for s in scorers_for(exp) if s.name == "goal"]
+    new_file = tmp_path / "new-judge.yaml"  # the same question, another judge LLM
+    new_file.write_text(STUDY[STUDY.index("scorers:") :].replace("model: alpha", "model: gamma"))
+    (new,) = [s for s in load_scorers_file(new_file) if s.name == "goal"]
+    assert new.version != goal.version
+    judged = [r for r in store.list_conversations(experiment_id=exp.id) if r.id in truth.goal]
+    store.replace_scores([_score(exp, rec, new, "Yes") for rec in judged])
+    old_file = tmp_path / "old-judge.yaml"
+    old_file.write_text(STUDY[STUDY.index("scorers:") :])
+    env, runner = env_for(settings), CliRunner()
+
+    def report(name: str, scorers: Path) -> str:
+        args = ["report", truth.exp_id[:8], "--scorer", "goal", "--out", str(tmp_path / name)]
+        result = runner.invoke(app, [*args, "--scorers", str(scorers)], env=env)
+        assert result.exit_code == 0, result.output
+        return (tmp_path / name / "report.html").read_text(encoding="utf-8")
+
+    page = report("new", new_file)
+    assert not list((tmp_path / "new" / "tables").glob("agreement_*"))  # one source
+    assert f"goal (version {new.version}) has one source" in page
+    assert f"version {goal.version}: human:ann, {truth.judge}" in page
+    report("old", old_file)
+    rows = read(file_named(tmp_path / "old", "agreement_goal"))
+    assert (rows[0]["source_a"], rows[0]["source_b"]) == ("human:ann", truth.judge)
+
+    args = ["agreement", truth.exp_id[:8], "--scorer", "goal"]
+    single = runner.invoke(app, [*args, "--scorers", str(new_file)], env=env)
+    assert single.exit_code == 1 and f"version {goal.version}: human:ann" in single.output
+    both = runner.invoke(app, [*args, "--scorers", str(old_file)], env=env)
+    assert both.exit_code == 0 and "human:ann" in both.output, both.output
 
 
 # --- the page ---------------------------------------------------------------------------------

@@ -110,8 +110,11 @@ def load(
     source: Store | Settings,
     experiment: str,
     where: dict[str, str] | list[str] | None = None,
+    extra: list[Scorer] | None = None,
 ) -> AnalysisData:
-    """Read an experiment (id, prefix or name) or one batch of it; `where` as `--where`."""
+    """Read an experiment (id, prefix or name) or one batch of it; `where` as `--where`;
+    `extra`: scorer definitions that add to, or replace by name, the experiment's (as
+    `--scorers FILE`: the wide columns then hold the versions they define)."""
     from simulator.store import parse_where
 
     store = open_store(source)
@@ -123,11 +126,15 @@ def load(
         where=filters,
         factors=exp.factor_levels(),
     )
-    return from_records(store, exp, batch_id, records)
+    return from_records(store, exp, batch_id, records, extra)
 
 
 def from_records(
-    store: Store, exp: Experiment, batch_id: str | None, records: list[ConversationRecord]
+    store: Store,
+    exp: Experiment,
+    batch_id: str | None,
+    records: list[ConversationRecord],
+    extra: list[Scorer] | None = None,
 ) -> AnalysisData:
     """The scores and scorers of these conversations (one query for the scores)."""
     from simulator.scoring.run import scorers_for
@@ -137,7 +144,7 @@ def from_records(
         s for s in store.analysis_scores(exp.id or "", batch_id) if s.conversation_id in wanted
     ]
     try:
-        scorers = {s.name: s for s in scorers_for(exp)}
+        scorers = {s.name: s for s in scorers_for(exp, extra or [])}
     except UserError:  # a stored definition that no longer parses: go by the scores alone
         scorers = {}
     counts: dict[str, Counter[str]] = {}

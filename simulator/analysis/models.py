@@ -178,18 +178,23 @@ def models_section(
 def agreement_section(data: AnalysisData, analysed: set[str], names: list[str] | None) -> Section:
     import pandas as pd
 
-    from simulator.scoring.agreement import compute
+    from simulator.scoring.agreement import compute, other_versions
 
     section = Section("agreement", "Agreement between sources")
     by_scorer: dict[str, list[Score]] = {}
     for s in data.current_scores():
         if s.conversation_id in analysed and (not names or s.scorer in names):
             by_scorer.setdefault(s.scorer, []).append(s)
+    hints = []
     for scorer, scores in by_scorer.items():
         definition = data.scorers.get(scorer)
-        if len({s.source for s in scores}) < 2 or (
-            definition and definition.answer == "text" and definition.kind == "judge"
-        ):
+        if definition and definition.answer == "text" and definition.kind == "judge":
+            continue
+        if len({s.source for s in scores}) < 2:
+            analysed_scores = [s for s in data.scores if s.conversation_id in analysed]
+            hint = other_versions(analysed_scores, scorer, data.versions[scorer])
+            if hint:
+                hints.append(f"{scorer} (version {data.versions[scorer]}) has one source. {hint}")
             continue
         result = compute(scores, ordinal=bool(definition and definition.ordinal), scorer=definition)
         rows: list[dict[str, Any]] = [
@@ -226,9 +231,10 @@ def agreement_section(data: AnalysisData, analysed: set[str], names: list[str] |
                 f"{kind}; items scored by both.",
             )
         )
-    if not section.items:
+    if not section.items and not hints:
         section.paragraphs.append(
             "No scorer has two sources yet: add a second one, e.g. a human annotation sheet "
             "(`simulator annotate export` / `annotate import`)."
         )
+    section.paragraphs += hints
     return section

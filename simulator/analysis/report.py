@@ -41,6 +41,7 @@ from simulator.errors import UserError
 if TYPE_CHECKING:
     import pandas as pd
 
+    from simulator.scoring.definition import Scorer
     from simulator.settings import Settings
     from simulator.store import Store
 
@@ -136,14 +137,16 @@ def write_report(
     scorers: list[str] | None = None,
     usable_only: bool = False,
     where: dict[str, str] | list[str] | None = None,
+    extra_scorers: list[Scorer] | None = None,
 ) -> ReportResult:
-    """Write the report of an experiment (id, prefix or name) or one batch into `out_dir`."""
+    """Write the report of an experiment (id, prefix or name) or one batch into `out_dir`;
+    `extra_scorers` (a scorers file's) add to, or replace by name, the experiment's."""
     from simulator.export import role_colours
 
     require()
     import pandas as pd
 
-    data = load(source, experiment, where)
+    data = load(source, experiment, where, extra_scorers)
     exp = data.experiment
     frame = conversations_frame(data)
     columns = resolve_by(data, frame, by)

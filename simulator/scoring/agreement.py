@@ -150,6 +150,24 @@ def _alpha(
     return value if math.isfinite(value) else None
 
 
+def other_versions(scores: list[Score], scorer: str, besides: str) -> str:
+    """A sentence naming the versions of `scorer` other than `besides` that two sources or
+    more scored (a judge and an annotator of an earlier definition, say), or ""."""
+    sources: dict[str, set[str]] = {}
+    for s in scores:
+        if s.scorer == scorer and s.version != besides and s.valid:
+            sources.setdefault(s.version, set()).add(s.source)
+    found = [
+        f"version {v}: {', '.join(sorted(x))}" for v, x in sorted(sources.items()) if len(x) > 1
+    ]
+    if not found:
+        return ""
+    return (
+        f"Other versions of {scorer} have two sources ({'; '.join(found)}): give the "
+        "definition they were scored with (--scorers FILE) to use one of them."
+    )
+
+
 def agreement_for(
     store: Store, ref: str, scorer_name: str, *, scorers_file: Path | None = None
 ) -> Agreement:
@@ -176,10 +194,11 @@ def agreement_for(
     chosen = [s for s in scores if s.version == version]
     result = compute(chosen, ordinal=bool(scorer and scorer.ordinal), scorer=scorer)
     if len(result.sources) < 2:
+        others = other_versions(scores, scorer_name, version)
         raise UserError(
             f"Only {', '.join(result.sources) or 'no source'} scored {scorer_name} "
             f"(version {version}): agreement needs two sources, e.g. a judge and a human "
-            "annotation sheet (`simulator annotate export`)."
+            "annotation sheet (`simulator annotate export`)." + (f" {others}" if others else "")
         )
     return result
 
