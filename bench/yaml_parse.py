@@ -2,19 +2,25 @@
 
     python bench/yaml_parse.py                 # a ~5 MB experiment, 3 runs per loader
     python bench/yaml_parse.py --mb 10 --repeat 5
+    python bench/yaml_parse.py --shape levels --mb 2   # thousands of short factor levels
 
-The file is experiments/prison.yaml grown the way a lab's files grow: every section's text
-repeated into long multi-paragraph prompts, and extra factors with many levels (each level
-setting a long shared section). It is written by the project's own `save_experiment`, in a
-temporary directory, so it has the block and folded scalars of an exported experiment.
+The file is experiments/prison.yaml grown the way a lab's files grow, written by the
+project's own `save_experiment` (so with the block and folded scalars of an exported
+experiment) in a temporary directory:
+  sections  (default) every section's text repeated into long multi-paragraph prompts, and
+            extra factors with a few dozen levels, each setting a long shared section
+  levels    the prompts as they are, and thousands of factor levels, each setting two
+            one-sentence sections: many small nodes, where libyaml helps less (its parser is
+            C, but the resolver, which types each plain scalar, and the constructor are Python)
 
-Figures (seconds, the median of --repeat runs, the two loaders alternated so both see the same
-machine load):
-  parse     `load_yaml(text, source, loader)`: YAML text -> Python data, duplicate keys
-            checked; the pure-Python `UniqueKeyLoader` (what experiment_from_yaml used before)
-            and `YAML_LOADER` (libyaml's parser when PyYAML has it, which is the point)
-  whole     `experiment_from_yaml` with the loader in use: parse, build, validate (placeholders
-            in every section), i.e. what `simulator run FILE` pays before anything starts
+Figures (seconds, the median of --repeat runs, the ways alternated so all see the same load):
+  before    `yaml.load(text, Loader=UniqueKeyLoader)`: PyYAML's pure-Python loader with the
+            duplicate-key check, as experiment_from_yaml parsed before
+  alone     `yaml.load(text, Loader=YAML_LOADER)`: libyaml's parser when PyYAML has it
+  now       `load_yaml(text, source)`: the same, with the garbage collector paused meanwhile
+            (what experiment_from_yaml and the scorers files use)
+  whole     `experiment_from_yaml`: parse, build, validate (placeholders in every section),
+            i.e. what `simulator run FILE` pays before anything starts
 """
 
 from __future__ import annotations
@@ -58,17 +64,28 @@ def grow(data: Any, repeat: int) -> Any:
     return data
 
 
-def large_experiment(target_bytes: int, folder: Path) -> Path:
-    """prison.yaml grown to about `target_bytes`, written with save_experiment."""
+def large_experiment(target_bytes: int, folder: Path, shape: str) -> Path:
+    """prison.yaml grown to about `target_bytes`, written with save_experiment.
+
+    `sections`: long prompts and a few dozen levels; `levels`: the prompts as they are and
+    thousands of factor levels, each setting two one-sentence sections (many small mappings).
+    """
     base = experiment_to_dict(load_experiment(PRISON))
+    setting = base["shared_sections"]["environment"]
     path = folder / "large.yaml"
-    repeat, levels = 6, 10
+    repeat, levels = (6, 10) if shape == "sections" else (0, 100)
     while True:
         data = {k: grow(v, repeat) if k in SECTION_KEYS else v for k, v in base.items()}
-        setting = base["shared_sections"]["environment"]
         for f in range(1, 6):
             data["factors"][f"extra{f}"] = {
-                f"level{n}": {f"shared.extra{f}": grow(f"Level {n}. {setting}", repeat)}
+                f"level{n}": (
+                    {f"shared.extra{f}": grow(f"Level {n}. {setting}", repeat)}
+                    if shape == "sections"
+                    else {
+                        f"shared.extra{f}": f"Rule {n} of {f}: the <GUARD_NOUN> keep the keys.",
+                        f"guard.rule{f}": f"Under rule {n}, you may refuse any request.",
+                    }
+                )
                 for n in range(1, levels + 1)
             }
         save_experiment(experiment_from_dict(data, "large"), path)
@@ -76,7 +93,10 @@ def large_experiment(target_bytes: int, folder: Path) -> Path:
         if size >= target_bytes:
             return path
         scale = target_bytes / size
-        repeat, levels = int(repeat * scale**0.5) + 1, int(levels * scale**0.5) + 1
+        if shape == "sections":
+            repeat, levels = int(repeat * scale**0.5) + 1, int(levels * scale**0.5) + 1
+        else:
+            levels = int(levels * scale) + 1
 
 
 SECTION_KEYS = ("roles", "shared_sections", "summarizer", "factors", "scorers")
@@ -93,10 +113,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=5.0, help="size of the YAML file (MB)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per loader (median)")
+    parser.add_argument(
+        "--shape",
+        choices=["sections", "levels"],
+        default="sections",
+        help="long sections (default), or thousands of short factor levels",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = large_experiment(int(args.mb * 1_000_000), Path(tmp))
+        path = large_experiment(int(args.mb * 1_000_000), Path(tmp), args.shape)
         text = path.read_text(encoding="utf-8")
     data = load_yaml(text, "large.yaml")
     sections = sum(
@@ -109,20 +135,31 @@ def main() -> None:
     )
     print(f"loader in use: {YAML_LOADER.__name__} (bases: {YAML_LOADER.__bases__[1].__name__})")
 
-    pure: list[float] = []
-    used: list[float] = []
+    before: list[float] = []
+    c_only: list[float] = []
+    now: list[float] = []
     whole: list[float] = []
     for _ in range(args.repeat):
-        by_pure = timed(lambda: load_yaml(text, "large.yaml", UniqueKeyLoader), pure)
-        by_used = timed(lambda: load_yaml(text, "large.yaml"), used)
+        by_pure = timed(lambda: yaml.load(text, Loader=UniqueKeyLoader), before)
+        timed(lambda: yaml.load(text, Loader=YAML_LOADER), c_only)
+        by_now = timed(lambda: load_yaml(text, "large.yaml"), now)
         timed(lambda: experiment_from_yaml(text, "large.yaml"), whole)
-        assert by_pure == by_used, "the two loaders read the file differently"
+        assert by_pure == by_now, "the two loaders read the file differently"
 
-    p, u, w = (statistics.median(x) for x in (pure, used, whole))
-    print(f"parse, pure-Python UniqueKeyLoader : {p:7.3f} s   (runs: {_runs(pure)})")
-    print(f"parse, {YAML_LOADER.__name__:<27} : {u:7.3f} s   (runs: {_runs(used)})")
-    print(f"ratio pure / in use                : {p / u:7.1f} x")
-    print(f"experiment_from_yaml (parse+check) : {w:7.3f} s   (runs: {_runs(whole)})")
+    b, n = statistics.median(before), statistics.median(now)
+    rows = [
+        ("before: pure-Python loader", _median(before)),
+        (f"alone: {YAML_LOADER.__name__}", _median(c_only)),
+        ("now: load_yaml (GC paused)", _median(now)),
+        ("ratio before / now", f"{b / n:7.1f} x"),
+        ("whole: experiment_from_yaml", _median(whole)),
+    ]
+    for label, figure in rows:
+        print(f"{label:<30} {figure}")
+
+
+def _median(values: list[float]) -> str:
+    return f"{statistics.median(values):7.3f} s   (runs: {_runs(values)})"
 
 
 def _runs(values: list[float]) -> str:

@@ -3,6 +3,7 @@ same guarantees from both (duplicate keys refused, errors naming the file and li
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -200,3 +201,24 @@ def test_a_scorers_file_with_a_duplicate_scorer_is_refused(tmp_path: Path) -> No
     with pytest.raises(ValidationError) as info:
         load_scorers_file(path)
     assert str(info.value).startswith(f"{path}: line 3, column 3: duplicate key 'length'")
+
+
+@pytest.mark.parametrize("text", ["name: a\nroles: {}\n", "name: a\nname: b\n", "a: [b\n"])
+def test_the_garbage_collector_is_left_as_it_was(text: str) -> None:
+    """load_yaml pauses it while parsing: after a good or a bad file it is on again, and a
+    caller that had turned it off finds it off."""
+    states = []
+    for was_on in (True, False):
+        if was_on:
+            gc.enable()
+        else:
+            gc.disable()
+        try:
+            try:
+                load_yaml(text, "gc.yaml")
+            except ValidationError:
+                pass
+            states.append(gc.isenabled())
+        finally:
+            gc.enable()
+    assert states == [True, False]
