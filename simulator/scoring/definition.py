@@ -21,10 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from simulator.errors import ValidationError
-from simulator.experiment import LLM_FIELDS, Experiment, ModelSpec
+from simulator.experiment import LLM_FIELDS, Experiment, ModelSpec, load_yaml
 
 KINDS = ("judge", "moderation", "python")
 LEVELS = ("conversation", "message")
@@ -248,10 +246,7 @@ def load_scorers_file(path: str | Path) -> list[Scorer]:
         raise ValidationError(
             f"{path}: cannot read the scorers file ({exc}); give a YAML file with `scorers:`"
         ) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValidationError(f"{path}: YAML syntax error: {exc}") from None
+    data = load_yaml(text, str(path))
     if not isinstance(data, dict) or not isinstance(data.get("scorers"), dict):
         raise ValidationError(
             f"{path}: no `scorers:` mapping found; a scorers file starts with `scorers:` and "
