@@ -599,6 +599,12 @@ def run(
         seed=seed,
         factors=factor,
     )
+    # every option is checked before the grid is shown, for a dry run too
+    manual = "manual" in grid.speakers
+    options = run_options(
+        concurrency, max_failures, plain, manual=manual and not dry_run,
+        max_tokens=max_tokens, max_cost=max_cost,
+    )  # fmt: skip
     out.print(display.grid_table(grid))
     out.print(f"{grid.size()} conversations, at least {grid.llm_calls()} LLM calls.")
     if dry_run:
@@ -612,10 +618,6 @@ def run(
             out.print(line, markup=False, highlight=False)
         return
     assert store is not None
-    manual = "manual" in grid.speakers
-    options = run_options(
-        concurrency, max_failures, plain, manual=manual, max_tokens=max_tokens, max_cost=max_cost
-    )
     options.cache = ResponseCache(store) if cache else None
     report = execute(store, lambda o: start_batch(store, exp, grid, o), options, plain or manual)
     if options.cache is not None:

@@ -184,6 +184,7 @@ def options_from_settings(
     chooser, one conversation at a time (the user picks every speaker)."""
     if concurrency is not None and concurrency < 1:
         raise UserError(f"--concurrency must be at least 1 (got {concurrency}).")
+    failure_threshold(max_failures, 1)  # its form, checked before anything is shown or written
     if concurrency is None:
         concurrency = settings.concurrency
     if manual is not None:

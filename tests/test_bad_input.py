@@ -66,6 +66,30 @@ def test_bad_counts(settings, env_for, db, args, expected):
     assert Store(db, "alice").list_batches() == []
 
 
+@pytest.mark.parametrize("dry_run", [True, False])
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--concurrency", "0"], "--concurrency must be at least 1 (got 0)"),
+        (["--max-failures", "150%"], "a fraction cannot exceed 1"),
+        (["--max-failures", "-1"], "cannot be negative"),
+        (["--max-failures", "many"], "give a count"),
+        (["--max-tokens", "-5"], "--max-tokens must be at least 1 (got -5)"),
+        (["--max-cost", "-1"], "--max-cost must be a positive amount"),
+    ],
+)
+def test_bad_run_options_are_refused_before_the_grid_dry_run_or_not(
+    settings, env_for, db, args, expected, dry_run
+):
+    """A dry run checks every option the run would (it said all was well, then the run
+    refused); both refuse before showing the grid, and store nothing."""
+    grid = ["--llm", "scripted", "--messages", "2", "--days", "1"]
+    dry = ["--dry-run"] if dry_run else []
+    output = invoke(env_for(settings), "run", str(PRISON), *grid, *args, *dry)
+    assert expected in output and "Grid" not in output, output
+    assert Store(db, "alice").list_batches() == []
+
+
 def test_ollama_not_running(settings, env_for, db, monkeypatch):
     env = {**env_for(settings), "OLLAMA_HOST": f"http://127.0.0.1:{closed_port()}"}
     output = invoke(env, "run", str(PRISON), "--llm", "llama3", "--messages", "4", "--days", "1")
