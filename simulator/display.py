@@ -137,7 +137,8 @@ def transcript_parts(
             if f"{m.day}:{m.turn}" in by_message:
                 parts.append(message_scores_text(by_message[f"{m.day}:{m.turn}"]))
             if raw and m.raw is not None:
-                parts.append(Text(f"  raw: {m.raw}", style="dim"))
+                # every line under the message, so no line of it reads as a turn
+                parts.append(Text("  raw: " + m.raw.replace("\n", "\n       "), style="dim"))
         if day in by_day:
             s = by_day[day]
             title = f"Summary of day {day}" + (f" [{', '.join(s.flags)}]" if s.flags else "")

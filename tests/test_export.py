@@ -334,6 +334,7 @@ def test_terminal_transcript_raw_on_request_and_many_roles(batch):
     assert "Day 1" in plain and "Day 2" in plain and "Summary of day 2" in plain
     assert "Researcher: Start the experiment" in plain and "(empty reply)" in plain
     assert "raw:" not in plain
-    assert "raw: Back to your cells.\nResearcher: the guard stops here" in render(raw=True)
+    # the raw reply's second line stays under the message (at column 0 it read as a turn)
+    assert "raw: Back to your cells.\n       Researcher: the guard stops here" in render(raw=True)
     colours = display.role_colours([f"role{i}" for i in range(20)])
     assert len(set(colours.values())) == 20
