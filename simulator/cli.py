@@ -606,7 +606,9 @@ def run(
         max_tokens=max_tokens, max_cost=max_cost,
     )  # fmt: skip
     out.print(display.grid_table(grid))
-    out.print(f"{grid.size()} conversations, at least {grid.llm_calls()} LLM calls.")
+    from simulator.store import plural
+
+    out.print(f"{plural(grid.size(), 'conversation')}, at least {grid.llm_calls()} LLM calls.")
     if dry_run:
         from simulator.estimate import estimate
         from simulator.pricing import parse_prices

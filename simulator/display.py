@@ -29,6 +29,7 @@ from rich.text import Text
 
 from simulator.conversation import EXTRA_ATTEMPTS, Message, SelectorCall, Summary
 from simulator.grid import Grid
+from simulator.placeholders import plural_noun
 from simulator.runner import BatchReport, ProgressEvent
 from simulator.scoring.views import newest_per_source, shown_value, source_kind
 from simulator.store import (
@@ -70,11 +71,11 @@ def role_colours(
 
 def conditions_text(rec: ConversationRecord) -> str:
     spec = rec.spec
-    agents = ", ".join(f"{n} {r}" for r, n in spec.agents.items())
+    agents = ", ".join(f"{n} {r if n == 1 else plural_noun(r)}" for r, n in spec.agents.items())
     sampling = ", ".join(f"{k}={v}" for k, v in spec.llm.sampling().items())
     text = (
         f"{spec.llm.label}{f' ({sampling})' if sampling else ''} · {spec.messages} messages · "
-        f"{spec.days} day(s) · {agents} · {spec.speaker} · repetition {spec.repetition} · "
+        f"{plural(spec.days, 'day')} · {agents} · {spec.speaker} · repetition {spec.repetition} · "
         f"seed {spec.seed} · {rec.status}"
     )
     if spec.factors:
@@ -132,7 +133,10 @@ def transcript_parts(
         for m in today:
             parts += selector_lines(calls.get((m.day, m.turn), []), m.speaker)
             label = Text(f"{m.speaker}: ", style=f"bold {colours.get(m.role, 'white')}")
-            body = Text("(empty reply)", style="dim italic") if m.empty else Text(m.content)
+            # later lines of a message indented under it: at column 0 a line such as
+            # "Someone: ..." would read as a turn of its own
+            content = m.content.replace("\n", "\n  ")
+            body = Text("(empty reply)", style="dim italic") if m.empty else Text(content)
             parts.append(label + body + flags_text(m.flags, m.finish_reason))
             if f"{m.day}:{m.turn}" in by_message:
                 parts.append(message_scores_text(by_message[f"{m.day}:{m.turn}"]))
@@ -504,10 +508,11 @@ def report_text(report: BatchReport, totals: BatchTotals) -> str:
     counts = ", ".join(f"{n} {s}" for s, n in sorted(report.counts.items()))
     lines = [
         f"Batch {report.batch_id}: {report.status.replace('_', ' ')} — {counts} of "
-        f"{report.total} conversations",
-        f"{totals.messages} messages, {totals.calls} LLM calls, "
+        f"{plural(report.total, 'conversation')}",
+        f"{plural(totals.messages, 'message')}, {plural(totals.calls, 'LLM call')}, "
         f"{totals.prompt_tokens} tokens in / {totals.completion_tokens} out, "
-        f"{totals.retries} retries; this run took {duration_text(report.elapsed)}",
+        f"{plural(totals.retries, 'retry', 'retries')}; this run took "
+        f"{duration_text(report.elapsed)}",
     ]
     if report.unusable:
         lines.append(
@@ -661,7 +666,8 @@ class ProgressView:
                 self._start_live()
             else:
                 calls = f", {e.calls_total} LLM calls" if e.calls_total else ""
-                self._line(f"batch {e.batch_id}: {e.remaining} conversations to run{calls}{done}")
+                to_run = plural(e.remaining, "conversation")
+                self._line(f"batch {e.batch_id}: {to_run} to run{calls}{done}")
         elif e.kind in ("message", "summary", "selector"):
             self.messages += e.kind == "message"
             self.calls_done += 1

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from simulator.cli import app
 from simulator.store import Store
+from tests.scenarios import PRISON_ONE
 
 PRISON = Path(__file__).resolve().parent.parent / "experiments" / "prison.yaml"
 
@@ -88,6 +89,19 @@ def test_bad_run_options_are_refused_before_the_grid_dry_run_or_not(
     output = invoke(env_for(settings), "run", str(PRISON), *grid, *args, *dry)
     assert expected in output and "Grid" not in output, output
     assert Store(db, "alice").list_batches() == []
+
+
+def test_one_of_a_kind_is_said_in_the_singular(settings, env_for, db):
+    """1 conversation, 1 day, 1 summary; 2 prisoners (inflected, not "2 prisoner")."""
+    grid = ["--llm", "scripted", "--messages", "2", "--days", "1", "--agents", "guard=1,prisoner=2"]
+    result = CliRunner().invoke(
+        app, ["run", str(PRISON_ONE), *grid, "--plain"], env=env_for(settings)
+    )
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "1 conversation, at least 3 LLM calls." in out and ": 1 conversation to run" in out
+    assert " · 1 day · 1 guard, 2 prisoners · " in out and "2 messages, 1 summary" in out
+    assert "completed — 1 completed of 1 conversation\n" in out
 
 
 def test_ollama_not_running(settings, env_for, db, monkeypatch):

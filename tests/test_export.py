@@ -3,6 +3,7 @@ txt in the prototype's layout, and the HTML pages rendered by a real headless Ch
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -326,8 +327,11 @@ def test_terminal_transcript_raw_on_request_and_many_roles(batch):
     roles = [r.name for r in exp.roles]
 
     def render(**kwargs) -> str:
+        return render_messages(t.messages, **kwargs)
+
+    def render_messages(messages, **kwargs) -> str:
         console = Console(record=True, width=100, force_terminal=False)
-        display.render_transcript(console, rec, t.messages, t.summaries, roles, **kwargs)
+        display.render_transcript(console, rec, messages, t.summaries, roles, **kwargs)
         return console.export_text()
 
     plain = render(starting_message="Start the experiment", page=None)
@@ -336,5 +340,9 @@ def test_terminal_transcript_raw_on_request_and_many_roles(batch):
     assert "raw:" not in plain
     # the raw reply's second line stays under the message (at column 0 it read as a turn)
     assert "raw: Back to your cells.\n       Researcher: the guard stops here" in render(raw=True)
+    # a message's later lines too: "Palace_Dreamer: ..." at column 0 read as a turn
+    first = dataclasses.replace(t.messages[0], content="I agree.\nPalace_Dreamer: me too")
+    shown = render_messages([first, *t.messages[1:]])
+    assert f"{first.speaker}: I agree.\n  Palace_Dreamer: me too" in shown, shown
     colours = display.role_colours([f"role{i}" for i in range(20)])
     assert len(set(colours.values())) == 20

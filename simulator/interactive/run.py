@@ -14,7 +14,7 @@ from simulator.interactive.questions import Choice, Questions, manual_chooser
 from simulator.interactive.wizard import llm_title
 from simulator.runner import options_from_settings, start_batch
 from simulator.settings import load_settings
-from simulator.store import Store
+from simulator.store import Store, plural
 
 
 def run_conversations(store: Store, q: Questions, exp: Experiment) -> None:
@@ -63,7 +63,7 @@ def run_conversations(store: Store, q: Questions, exp: Experiment) -> None:
     )
     q.console.print(display.grid_table(grid))
     if not q.confirm(
-        f"{grid.size()} conversations, at least {grid.llm_calls()} LLM calls. Start?",
+        f"{plural(grid.size(), 'conversation')}, at least {grid.llm_calls()} LLM calls. Start?",
         default=True,
     ):
         q.say("Not started.")

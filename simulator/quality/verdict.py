@@ -95,7 +95,9 @@ class Quality:
             if (n := self.flags.get(flag, 0) + self.summary_flags.get(flag, 0))
         ]
         text = "usable" if self.usable else "NOT usable"
-        text += f" · {self.messages} messages, {self.summaries} summaries"
+        messages = f"{self.messages} message{'' if self.messages == 1 else 's'}"
+        summaries = f"{self.summaries} summar{'y' if self.summaries == 1 else 'ies'}"
+        text += f" · {messages}, {summaries}"
         text += " · " + (", ".join(counts) if counts else "no flags")
         if self.selector_calls:
             text += (
