@@ -18,9 +18,10 @@ GENERIC_LABELS = ("You", "User", "Assistant", "Human", "System")
 # The generic label a model uses for itself: stripped at the start of a reply like its name.
 GENERIC_SELF = ("Assistant", "I")
 # Other things a model writes as a speaker label (regexes): any name shaped like an agent's
-# (`Gun_1:`, `Prisoner_2014:` — invented participants), and the researcher's own
-# `Day 1 summary:` lines from the day's opening, which a model copies as if it spoke them.
-NAME_SHAPED = r"[A-Z][A-Za-z0-9]*_\d+"
+# (`Gun_1:`, `Prisoner_2014:`, `Palace_Dreamer:` — invented participants), and the
+# researcher's own `Day 1 summary:` lines from the day's opening, which a model copies as
+# if it spoke them.
+NAME_SHAPED = r"[A-Z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+"
 DAY_SUMMARY = r"Day\s+\d+\s+summary"
 
 _OPEN = r"[\*_\[\(#>\s]*"  # markdown emphasis, brackets, heading or quote marks before a label

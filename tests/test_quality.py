@@ -63,6 +63,7 @@ def flags_of(text: str, finish_reason: str | None = "stop", seen: tuple[str, ...
         # role_break: what cleaning leaves (labels after a sentence's end, not at a line start)
         ("Stay there. Prisoner_221: never!", "stop", (), ["role_break"]),
         ("Stay there. The Prisoner_911: never!", "stop", (), ["role_break"]),  # invented name
+        ("Stay there. Palace_Dreamer: the interview", "stop", (), ["role_break"]),  # invented
         ("Stay there. **Researcher:** stop", "stop", (), ["role_break"]),
         ("Stay there. User: why?", "stop", (), ["role_break"]),
         ("Stay there. You: why?", "stop", (), ["role_break"]),

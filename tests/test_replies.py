@@ -51,6 +51,10 @@ ROLES = ["guard", "prisoner"]
         ("You: why?", ""),
         # names nobody in the conversation has, and the researcher's summary lines
         ("Back.\nPrisoner_2014: who am I?", "Back."),
+        # real (SmolLM2 in `make demo`): an invented participant named like a handle
+        ("I agree.\nPalace_Dreamer: The interview was very interesting indeed", "I agree."),
+        ("Palace_Dreamer: The conversation is part of a research study", ""),
+        ("I agree.\nsnake_case is a naming style.", "I agree.\nsnake_case is a naming style."),
         ("Back.\nDay 1 summary:\nthe day went", "Back."),
         # real (SmolLM2-135M, max_tokens 48, repeat_penalty 1.3)
         (
