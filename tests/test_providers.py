@@ -394,6 +394,22 @@ def test_preflight_openai(server: FakeLLMServer) -> None:
         preflight([ModelSpec("gpt-4o-mini")])
 
 
+def test_preflight_names_every_llm_that_cannot_be_used(
+    server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run --llm all` with Ollama down and no OpenAI key: both problems in one error (it
+    named the first only; fixing it then revealed the next); a usable LLM is not named."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    down = ModelSpec("llama3", base_url=f"127.0.0.1:{closed_port()}")
+    with pytest.raises(UserError) as info:
+        preflight([down, ollama_spec(server), ModelSpec("gpt-4o-mini")])
+    message = str(info.value)
+    assert message.startswith("2 LLMs cannot be used yet:\n"), message
+    lines = message.splitlines()[1:]
+    assert len(lines) == 2 and lines[0].startswith("- ollama/llama3:latest: Cannot reach Ollama")
+    assert lines[1].startswith("- openai/gpt-4o-mini: ") and "OPENAI_API_KEY" in lines[1]
+
+
 def test_preflight_llamacpp_missing_file(tmp_path: object) -> None:
     spec = ModelSpec("local", provider="llamacpp", extra={"path": f"{tmp_path}/none.gguf"})
     with pytest.raises(UserError):  # not installed here, or the file is missing

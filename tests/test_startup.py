@@ -205,6 +205,7 @@ def test_preflight_checks_endpoints_in_parallel(monkeypatch: pytest.MonkeyPatch)
         assert asked == {0, 1}, "the second endpoint was only asked after the first one"
         worker.join(10)
         assert failure and isinstance(failure[0], ProviderUnavailable)
+        assert str(failure[0]).startswith("2 LLMs cannot be used yet")  # both named
     finally:
         for s in silent + held:
             s.close()

@@ -183,7 +183,8 @@ def preflight(
     Ollama: reachable (one listing), missing models pulled (ModelNotFound when a pull
     fails). OpenAI: key present, endpoint reachable (one listing), models listed. llama.cpp:
     package importable and file present. Raises ProviderUnavailable / ModelNotFound /
-    ProviderAuthError / UserError (for the first LLM, in the order given, that failed).
+    ProviderAuthError / UserError for an LLM that cannot be used; a UserError listing them
+    all when several cannot.
     """
     endpoints: dict[str, list[ModelSpec]] = {}
     seen: set[str] = set()
@@ -204,17 +205,32 @@ def preflight(
         with ThreadPoolExecutor(len(groups), thread_name_prefix="preflight") as pool:
             outcomes = list(pool.map(lambda g: _check_endpoint(g, pull_progress), groups))
     warnings: list[str] = []
+    failed: list[tuple[ModelSpec, UserError]] = []
     for outcome in outcomes:
         if isinstance(outcome, _Failed):
             spec, e = outcome.spec, outcome.error
-            if isinstance(e, UserError):
-                raise e
-            # A timeout or a 5xx while checking: say so before the batch, not as a traceback.
-            raise ProviderUnavailable(
-                f"{spec.label} is not usable yet: {e}. Check that its server is up and "
-                "answering, then run the command again."
-            ) from None
-        warnings += outcome
+            if not isinstance(e, UserError):
+                # A timeout or a 5xx while checking: say so before the batch, not as a
+                # traceback.
+                e = ProviderUnavailable(
+                    f"{spec.label} is not usable yet: {e}. Check that its server is up and "
+                    "answering, then run the command again."
+                )
+            failed.append((spec, e))
+        else:
+            warnings += outcome
+    if len(failed) == 1:
+        raise failed[0][1] from None
+    if failed:  # every problem at once: fixing one must not only reveal the next
+        problems = "\n".join(f"- {spec.label}: {e}" for spec, e in failed)
+        message = f"{len(failed)} LLMs cannot be used yet:\n{problems}"
+        kinds = {type(e) for _, e in failed}
+        kind = kinds.pop() if len(kinds) == 1 else UserError  # e.g. every endpoint down
+        try:
+            error = kind(message)
+        except TypeError:  # an error class with other arguments: the message counts
+            error = UserError(message)
+        raise error from None
     return warnings
 
 
