@@ -117,6 +117,10 @@ def test_where_on_the_library(db):
     assert len(store.list_conversations(experiment_id=exp.id, where={"repetition": "1"})) == 1
     assert len(store.list_conversations(experiment_id=exp.id, where={"creator": "bob"})) == 0
     assert len(store.list_conversations(experiment_id=exp.id, where={"speaker": "random"})) == 0
+    # the export's column names work as keys too (speaker_selection, factor_<name>)
+    for key in ("speaker", "speaker_selection"):
+        listed = store.list_conversations(experiment_id=exp.id, where={key: "round_robin"})
+        assert len(listed) == 2
 
 
 def test_an_ambiguous_reference_is_refused(db):

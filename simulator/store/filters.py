@@ -14,6 +14,7 @@ CONVERSATION_FILTERS: dict[str, tuple[str, type]] = {
     "days": ("days", int),
     "messages": ("messages", int),
     "speaker": ("speaker_selection", str),
+    "speaker_selection": ("speaker_selection", str),  # as the export's column is named
     "status": ("status", str),
     "repetition": ("repetition", int),
     "creator": ("creator", str),
