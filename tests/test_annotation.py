@@ -110,6 +110,34 @@ def test_a_sheet_with_bad_rows_is_refused_naming_them_and_nothing_is_stored(
     assert db["scores"].count_documents({}) == 0
 
 
+def test_a_row_whose_id_names_no_sheet_is_one_problem_and_the_annotator_must_match(
+    db, stored, tmp_path
+):
+    """One item id edited into another sheet's (or no sheet's) prefix: the other rows still
+    belong to the sheet, and that row is named (it refused the whole file as "no sheet");
+    a sheet exported for one annotator is not stored as another's (that would replace the
+    other's answers)."""
+    store, exp = stored
+    out = tmp_path / "cara.csv"
+    export_sheet(store, exp.id, "goal_achieved", "cara", out, scorers_file=SCORERS)
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    for row in rows:
+        row["goal_achieved"] = "Yes"
+    rows[1]["item_id"] = "ffffffffffff-0001"
+    with out.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(SheetRejected) as info:
+        import_sheet(store, out, "cara")
+    message = str(info.value)
+    assert "nothing imported; 1 row(s)" in message
+    assert "row 3 (item ffffffffffff-0001): unknown item_id" in message, message
+    with pytest.raises(SheetRejected, match="exported for 'cara', not 'dan'"):
+        import_sheet(store, out, "dan")
+    assert db["scores"].count_documents({}) == 0
+
+
 def test_blind_sample_hides_conditions_and_turns_are_checked(
     db, stored, tmp_path, settings, env_for
 ):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -286,15 +287,22 @@ def import_sheet(store: Store, path: Path, annotator: str) -> ImportedSheet:
     annotator = _check_annotator(annotator)
     rows = _read(path)
     ids = [str(cells.get(ITEM_ID) or "").strip() for _, cells in rows]
-    sheet_ids = {i.split("-", 1)[0] for i in ids if re.fullmatch(r"[0-9a-f]{12}-\d{4}", i)}
+    # The sheet most rows name: a row edited or pasted from another sheet is then one
+    # row-level problem among the others, not a refusal of the whole file.
+    sheet_ids = Counter(i.split("-", 1)[0] for i in ids if re.fullmatch(r"[0-9a-f]{12}-\d{4}", i))
     sheet: AnnotationSheet | None = None
-    if len(sheet_ids) == 1:
-        sheet = store.get_sheet(sheet_ids.pop())
+    if sheet_ids:
+        sheet = store.get_sheet(sheet_ids.most_common(1)[0][0])
     if sheet is None:
         raise SheetRejected(
-            f"{path}: its item ids belong to no sheet exported by `simulator annotate export` "
-            "(or to several); nothing imported. Import the file as exported, with its "
-            f"{ITEM_ID} column unchanged."
+            f"{path}: its item ids belong to no sheet exported by `simulator annotate export`; "
+            f"nothing imported. Import the file as exported, with its {ITEM_ID} column unchanged."
+        )
+    if sheet.annotator and sheet.annotator != annotator:
+        raise SheetRejected(
+            f"{path}: this sheet was exported for {sheet.annotator!r}, not {annotator!r}; "
+            f"nothing imported (importing replaces {annotator}'s earlier answers). Import it "
+            f"with --annotator {sheet.annotator}, or export a sheet for {annotator}."
         )
     scorer = parse_scorer(sheet.scorer, sheet.definition, f"sheet {sheet.id}")
     problems: list[str] = []
