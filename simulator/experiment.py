@@ -281,7 +281,9 @@ def experiment_from_dict(data: Any, source: str) -> Experiment:
         if key in from_factor:
             continue  # a factor sets it in every conversation
         if data.get(key) in (None, "", [], {}):
-            _fail(source, key, f"missing; every experiment needs {', '.join(REQUIRED_KEYS)}")
+            near = difflib.get_close_matches(key, sorted(from_factor), n=1, cutoff=0.8)
+            hint = f" (the factors set `{near[0]}`: did you mean `{key}`?)" if near else ""
+            _fail(source, key, f"missing; every experiment needs {', '.join(REQUIRED_KEYS)}{hint}")
     if not isinstance(data["llms"], list):
         _fail(source, "llms", f"expected a list of LLMs, got {_kind(data['llms'])}")
     roles = _mapping(data["roles"], "roles", source)

@@ -386,3 +386,18 @@ def test_the_listing_of_a_three_factor_batch_fits_with_its_levels_and_status(cli
     assert {"yes/yard/bad", "no/escape/bad"} <= {
         cell.strip() for row in rows for cell in row.split("│")
     }, out
+
+
+def test_a_misspelt_key_in_every_level_is_named_when_the_experiment_lacks_it():
+    """Every level of negotiation.yaml's time_pressure sets `startng_message`: the missing
+    `starting_message` is reported with the factors' near miss, not alone."""
+    text = Path(__file__).resolve().parent.parent / "experiments" / "negotiation.yaml"
+    typo = text.read_text(encoding="utf-8").replace(
+        "      starting_message:", "      startng_message:"
+    )
+    assert typo.count("startng_message:") == 2
+    with pytest.raises(ValidationError) as info:
+        experiment_from_yaml(typo, "typo.yaml")
+    message = str(info.value)
+    assert "starting_message: missing" in message
+    assert "the factors set `startng_message`: did you mean `starting_message`?" in message
