@@ -185,9 +185,12 @@ def annotate_export_command(
         False, "--blind", help="Hide every condition (LLM, agents, ...) and shuffle the rows."
     ),
     scorers_file: Path | None = SCORERS_FILE_OPTION,
+    force: bool = typer.Option(False, "--force", help="Replace the --out file if it exists."),
 ) -> None:
     """Write an annotation sheet: one row per item, an opaque item id, an empty answer column."""
-    friendly(_annotate_export)(ref, scorer, annotator, out_file, sample, seed, blind, scorers_file)
+    friendly(_annotate_export)(
+        ref, scorer, annotator, out_file, sample, seed, blind, scorers_file, force
+    )
 
 
 def _annotate_export(
@@ -199,6 +202,7 @@ def _annotate_export(
     seed: int,
     blind: bool,
     scorers_file: Path | None,
+    force: bool,
 ) -> None:
     from simulator.scoring.annotation import export_sheet
 
@@ -213,6 +217,7 @@ def _annotate_export(
         seed=seed,
         blind=blind,
         scorers_file=scorers_file,
+        overwrite=force,
     )
     out.print(f"Wrote {plural(result.rows, 'row')} to {result.path} (sheet {result.sheet_id}).")
 

@@ -138,6 +138,27 @@ def test_a_row_whose_id_names_no_sheet_is_one_problem_and_the_annotator_must_mat
     assert db["scores"].count_documents({}) == 0
 
 
+def test_exporting_over_an_existing_sheet_is_refused_unless_forced(
+    db, stored, tmp_path, settings, env_for
+):
+    """Re-running the export command over a filled-in sheet wiped the annotator's answers:
+    the file is kept, byte for byte, unless --force."""
+    store, exp = stored
+    out = tmp_path / "dana.csv"
+    export_sheet(store, exp.id, "goal_achieved", "dana", out, scorers_file=SCORERS)
+    filled = out.read_bytes().replace(b"\r\n", b",Yes\r\n")  # hours of answers, say
+    out.write_bytes(filled)
+    args = ["annotate", "export", exp.id, "--scorer", "goal_achieved", "--annotator", "dana",
+            "--scorers", str(SCORERS), "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args, env=env_for(settings))
+    assert result.exit_code == 1 and "exists" in result.output and "--force" in result.output
+    assert out.read_bytes() == filled
+    sheets = db["annotation_sheets"].count_documents({})
+    forced = CliRunner().invoke(app, [*args, "--force"], env=env_for(settings))
+    assert forced.exit_code == 0, forced.output
+    assert out.read_bytes() != filled and db["annotation_sheets"].count_documents({}) == sheets + 1
+
+
 def test_blind_sample_hides_conditions_and_turns_are_checked(
     db, stored, tmp_path, settings, env_for
 ):

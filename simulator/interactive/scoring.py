@@ -116,6 +116,10 @@ class ScoresMenu:
             f"annotation/{self.exp.name}-{scorer}-{annotator}.xlsx",
             validate=sheet_file,
         )
+        if Path(out).exists() and not self.q.confirm(
+            f"{out} exists (it may hold an annotator's answers). Overwrite it?", default=False
+        ):
+            return
         sample = self.q.optional_number("Only a random sample of N items", 1, None, integer=True)
         blind = self.q.confirm("Blind (hide every condition, shuffle the rows)?", default=False)
         result = export_sheet(
@@ -127,6 +131,7 @@ class ScoresMenu:
             sample=int(sample) if sample is not None else None,
             blind=blind,
             scorers_file=self.scorers_file,
+            overwrite=True,  # asked above
         )
         self.q.say(f"Wrote {result.rows} rows to {result.path} (sheet {result.sheet_id}).")
 

@@ -73,9 +73,16 @@ def export_sheet(
     seed: int = 0,
     blind: bool = False,
     scorers_file: Path | None = None,
+    overwrite: bool = False,
 ) -> ExportedSheet:
-    """Write the sheet for `scorer_name` over the experiment's (or batch's) conversations."""
+    """Write the sheet for `scorer_name` over the experiment's (or batch's) conversations;
+    an existing file (perhaps an annotator's filled-in sheet) only with `overwrite`."""
     annotator = _check_annotator(annotator)
+    if out.exists() and not overwrite:
+        raise UserError(
+            f"{out} exists (it may hold an annotator's answers); nothing written. Give "
+            "another --out, or add --force to replace it."
+        )
     suffix = out.suffix.lower()
     if suffix not in (".xlsx", ".csv"):
         raise UserError(f"--out {out}: write a .xlsx or a .csv file")
