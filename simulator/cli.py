@@ -608,7 +608,7 @@ def run(
     out.print(display.grid_table(grid))
     from simulator.store import plural
 
-    out.print(f"{plural(grid.size(), 'conversation')}, at least {grid.llm_calls()} LLM calls.")
+    out.print(f"{plural(grid.size(), 'conversation')}, at least {grid.llm_calls():,} LLM calls.")
     if dry_run:
         from simulator.estimate import estimate
         from simulator.pricing import parse_prices

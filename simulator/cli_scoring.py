@@ -144,8 +144,6 @@ def run_scorers(
                 progress.update(task, total=event.total)
             elif event.kind in ("scored", "invalid"):
                 progress.update(task, completed=event.done)
-            elif event.kind == "error":
-                progress.console.print(f"[yellow]{event.item}:[/] {event.error}", markup=True)
             elif event.kind == "warning":
                 progress.console.print(f"[yellow]Warning:[/] {escape(event.error)}", markup=True)
             elif event.kind == "stopping":
@@ -166,8 +164,8 @@ def run_scorers(
         (err if problem else out).print(line, markup=False)
     if options.cache is not None:
         out.print(options.cache.summary(), highlight=False)
-    if report.reason or report.interrupted:
-        raise typer.Exit(1)
+    if report.reason or report.interrupted or report.failed:
+        raise typer.Exit(1)  # a script can tell "some items have no score" from "all scored"
 
 
 def annotate_export_command(

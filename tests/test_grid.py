@@ -153,7 +153,7 @@ def test_dry_run_of_a_billion_repetitions_returns_at_once():
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert "1000000000 conversations, at least 12000000000 LLM calls" in done.stdout
+    assert "1,000,000,000 conversations, at least 12,000,000,000 LLM calls" in done.stdout
 
 
 @pytest.mark.parametrize(

@@ -195,7 +195,7 @@ def test_moderation_scores_every_message_with_every_category(server, judged):
 
 
 def test_python_scorers_per_message_and_per_conversation_errors_per_item(
-    db, server, judged, tmp_path
+    db, server, judged, tmp_path, settings, env_for
 ):
     store, exp, batch_id = judged
     _, records = select_conversations(store, batch_id)
@@ -217,16 +217,28 @@ def test_python_scorers_per_message_and_per_conversation_errors_per_item(
     assert {s.role for s in picky} == {"prisoner"} and len(picky) == 6  # only prisoners
     assert report.failed == 0 and report.errors == []
 
-    # a function failing on some items: reported per item, the others stored
-    records[0].id  # noqa: B018
+    # a function failing on some items: each a failed item (counted, as a failed call is),
+    # the others stored
     db["messages"].update_many(
         {"conversation_id": records[0].id, "role": "prisoner"}, {"$set": {"content": "Guard!"}}
     )
     db["scores"].delete_many({"scorer": "picky"})
-    report = score(store, exp, records, [s for s in scorers if s.name == "picky"])
+    picky_only = [s for s in scorers if s.name == "picky"]
+    report = score(store, exp, records, picky_only, ScoreOptions(max_failures="2"))
     assert len(report.errors) == 2 and "cannot rate a guard's message" in report.errors[0][1]
-    assert not report.reason and not report.interrupted  # not fatal
+    assert report.failed == 2 and not report.reason and not report.interrupted
     assert len(store.list_scores(scorer="picky")) == 4
+    # past --max-failures (default 10% of 6 items: 1) scoring stops, as for a judge
+    db["scores"].delete_many({"scorer": "picky"})
+    report = score(store, exp, records, picky_only, ScoreOptions(concurrency=1))
+    assert report.failed == 2 and "more than --max-failures allows (1)" in report.reason
+    # `simulator score`: "2 failed", each error once, and a failing exit status for scripts
+    db["scores"].delete_many({"scorer": "picky"})
+    args = ["score", batch_id, "--scorers", str(path), "--scorer", "picky", "--max-failures", "2"]
+    result = CliRunner().invoke(app, args, env=env_for(settings))
+    assert result.exit_code == 1, result.output
+    assert "0 invalid answers, 2 failed," in result.output
+    assert result.output.count("cannot rate a guard's message") == 2, result.output
 
 
 def test_a_new_rubric_is_a_new_version_and_old_scores_stay(server, judged, tmp_path):

@@ -63,7 +63,7 @@ def run_conversations(store: Store, q: Questions, exp: Experiment) -> None:
     )
     q.console.print(display.grid_table(grid))
     if not q.confirm(
-        f"{plural(grid.size(), 'conversation')}, at least {grid.llm_calls()} LLM calls. Start?",
+        f"{plural(grid.size(), 'conversation')}, at least {grid.llm_calls():,} LLM calls. Start?",
         default=True,
     ):
         q.say("Not started.")

@@ -40,8 +40,8 @@ SCORED_STATUSES = (ConversationStatus.COMPLETED.value, ConversationStatus.INCOMP
 
 @dataclass
 class ScoreProgress:
-    """One event: `kind` is started | scored | invalid | failed | error | retry | stopping |
-    warning (a judge LLM's preflight warning, in `error`)."""
+    """One event: `kind` is started | scored | invalid | failed | retry | stopping | warning
+    (a judge LLM's preflight warning, in `error`)."""
 
     kind: str
     total: int = 0
@@ -382,23 +382,24 @@ class ScoringRun:
             except Interrupted:
                 return  # stopping while backing off: the item stays missing
             except ProviderError as e:
-                self._failed(item, str(e), counts=True)
+                self._failed(item, str(e))
             except Exception as e:  # a bug must not leave the other threads waiting
                 log.exception("scoring %s failed", item.label())
-                self._failed(item, f"{type(e).__name__}: {e}", counts=True)
+                self._failed(item, f"{type(e).__name__}: {e}")
 
-    def _failed(self, item: Item, error: str, *, counts: bool) -> None:
+    def _failed(self, item: Item, error: str) -> None:
+        """An item left without a score (a call that failed, the user's function raised):
+        counted, and scoring stops past --max-failures."""
         with self.lock:
             self.report.errors.append((item.label(), error))
-            if counts:
-                self.report.failed += 1
-                if self.report.failed > self.threshold and not self.stop.is_set():
-                    self.report.reason = (
-                        f"{self.report.failed} items failed, more than --max-failures allows "
-                        f"({self.threshold}); last error: {error}"
-                    )
-                    self.stop.set()
-        self.notify(ScoreProgress("failed" if counts else "error", item=item.label(), error=error))
+            self.report.failed += 1
+            if self.report.failed > self.threshold and not self.stop.is_set():
+                self.report.reason = (
+                    f"{self.report.failed} items failed, more than --max-failures allows "
+                    f"({self.threshold}); last error: {error}"
+                )
+                self.stop.set()
+        self.notify(ScoreProgress("failed", item=item.label(), error=error))
 
     def _stored(self, item: Item, score: Score) -> None:
         self.store.insert_score(score)
@@ -513,8 +514,8 @@ class ScoringRun:
             with self.python_lock[item.scorer.name]:
                 value = fn(argument)
             json.dumps(value)  # what cannot be stored is the function's error, not ours
-        except Exception as e:  # the user's code: reported per item, never fatal
-            self._failed(item, f"{type(e).__name__}: {e}", counts=False)
+        except Exception as e:  # the user's code: a failed item like a failed call
+            self._failed(item, f"{type(e).__name__}: {e}")
             return
         score = self._new_score(
             item,
