@@ -401,3 +401,20 @@ def test_a_misspelt_key_in_every_level_is_named_when_the_experiment_lacks_it():
     message = str(info.value)
     assert "starting_message: missing" in message
     assert "the factors set `startng_message`: did you mean `starting_message`?" in message
+
+
+def test_score_takes_a_factor_filter_like_the_other_commands(cli, factorial, db, tmp_path):
+    """`score --where risks=yes` scores that arm only (it was refused as an unknown key)."""
+    cli("run", str(factorial), "--llm", "scripted", "--messages", "2", "--days", "1",
+        "--factor", "goal=yard", "--factor", "guard_personality=bad")  # fmt: skip
+    scorers = tmp_path / "lab.yaml"
+    scorers.write_text(
+        "scorers:\n  length: {kind: python, function: 'tests.scoring_plugin:turns'}\n"
+    )
+    result = cli("score", "factorial", "--scorers", str(scorers), "--where", "risks=yes")
+    assert "Scored 1 item with length" in result.output, result.output
+    (scored,) = db["scores"].find({"scorer": "length"})
+    conversation = db["conversations"].find_one({"_id": scored["conversation_id"]})
+    assert conversation["factors"] == {"risks": "yes", "goal": "yard", "guard_personality": "bad"}
+    bad = cli("score", "factorial", "--scorers", str(scorers), "--where", "risk=yes", ok=False)
+    assert bad.exit_code == 1 and "unknown key 'risk'" in bad.output

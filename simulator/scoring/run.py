@@ -110,7 +110,6 @@ def select_conversations(
     from simulator import export
 
     query_where = dict(where or {})
-    conversation_filter(query_where)  # a bad --where fails before anything else
     ref = ref.strip()
     try:
         selection = export.select(store, ref)
@@ -121,10 +120,15 @@ def select_conversations(
             raise
         _, exp, batch_id = store.find_experiment_or_batch(ref)
         single = None
+    factors = exp.factor_levels()
+    conversation_filter(query_where, factors)  # a bad --where fails before any read
     if single is not None:
         return exp, [single]
     records = store.list_conversations(
-        experiment_id=None if batch_id else exp.id, batch_id=batch_id, where=query_where
+        experiment_id=None if batch_id else exp.id,
+        batch_id=batch_id,
+        where=query_where,
+        factors=factors,
     )
     if "status" not in query_where:
         records = [r for r in records if r.status.value in SCORED_STATUSES]
