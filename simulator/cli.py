@@ -634,7 +634,9 @@ def run(
 @app.command()
 @friendly
 def resume(
-    batch: str | None = typer.Argument(None, help="Batch id or prefix (default: your latest)."),
+    batch: str | None = typer.Argument(
+        None, help="Batch id or prefix (default: your latest unfinished batch)."
+    ),
     concurrency: int | None = CONCURRENCY_OPTION,
     max_failures: str | None = MAX_FAILURES_OPTION,
     max_tokens: int | None = MAX_TOKENS_OPTION,
@@ -645,9 +647,12 @@ def resume(
     """Continue an interrupted batch after the last stored message of each conversation."""
     store = open_store()
     if batch is None:
-        latest = store.latest_batch()
+        latest = store.latest_batch(unfinished=True)
         if latest is None:
-            raise UserError("You have no batch to resume: start one with `simulator run`.")
+            raise UserError(
+                "You have no unfinished batch to resume (see `simulator status`): start one "
+                "with `simulator run`."
+            )
         batch = latest.id
     manual = "manual" in store.get_batch(batch).grid.speakers
     options = run_options(

@@ -209,8 +209,11 @@ def test_resume_after_injected_crash_equals_uninterrupted_run(
     cli("resume")
     assert _messages(store, exp.id) == expected
     assert all(r.status == "completed" for r in store.list_conversations(experiment_id=exp.id))
-    # resuming a finished batch is refused
+    # with nothing unfinished left, `resume` says so (a batch id of a finished one: refused)
     result = cli("resume", ok=False)
+    assert result.exit_code == 1 and "no unfinished batch" in result.output
+    batch = store.list_batches(exp.id)[0].id
+    result = cli("resume", batch, ok=False)
     assert result.exit_code == 1 and "already finished" in result.output
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -111,3 +112,17 @@ def test_resume_refused_by_a_run_of_workers_says_how_to_join_it(interrupted_batc
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_resume_without_an_id_takes_the_latest_unfinished_batch(interrupted_batch, db):
+    """A newer batch that completed does not hide the interrupted one (it was taken, and
+    refused as already finished)."""
+    store, batch_id, cli = interrupted_batch
+    time.sleep(1.1)  # batches are ordered by their creation time, stored to the second
+    done = cli("run", PRISON, "--llm", "scripted", "--messages", "2", "--days", "1", "--plain")
+    assert done.exit_code == 0, done.output
+    assert store.latest_batch().id != batch_id  # the newest is the completed one
+    result = cli("resume", "--plain")
+    assert result.exit_code == 0, result.output
+    assert f"Batch {batch_id}: completed" in result.output
+    assert store.get_batch(batch_id).status == "completed"

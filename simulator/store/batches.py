@@ -68,8 +68,12 @@ class Batches(Tallies):
         self.fill_liveness([batch])
         return batch
 
-    def latest_batch(self) -> BatchRecord | None:
-        doc = self._batches.find_one({"creator": self.user}, sort=[("created_at", -1)])
+    def latest_batch(self, *, unfinished: bool = False) -> BatchRecord | None:
+        """The caller's newest batch (`unfinished`: the newest not completed)."""
+        query: dict[str, Any] = {"creator": self.user}
+        if unfinished:
+            query["status"] = {"$ne": BatchStatus.COMPLETED.value}
+        doc = self._batches.find_one(query, sort=[("created_at", -1)])
         if not doc:
             return None
         batch = _batch(doc)
