@@ -432,8 +432,21 @@ def export_txt(
         )
     if listing:
         # Annotators get the bare transcripts; this joins their files back to the conditions.
+        # Exporting batch after batch into one folder adds up: rows of files still there
+        # from an earlier export are kept (as the html index does).
         index = folder / "conversations.csv"
-        write_csv(listing, index, list(listing[0]))
+        fields = list(listing[0])
+        new = {row["file"] for row in listing}
+        if index.is_file():
+            with index.open(encoding="utf-8", newline="") as f:
+                earlier = [
+                    row
+                    for row in csv.DictReader(f)
+                    if row.get("file") not in new and (folder / str(row.get("file"))).is_file()
+                ]
+            fields = list(dict.fromkeys([*fields, *(k for row in earlier for k in row)]))
+            listing = earlier + listing
+        write_csv(listing, index, fields)
         result.files.append(index)
     return result
 

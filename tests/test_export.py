@@ -190,6 +190,12 @@ def test_txt_in_the_prototype_layout_with_prompts(batch, tmp_path):
     listing = pd.read_csv(folder / "conversations.csv")
     assert sorted(listing["conversation_id"]) == sorted(_records(store, batch_id))
     assert all((folder / f).is_file() for f in listing["file"])
+    # exporting more into the same folder adds to the listing: one conversation again does
+    # not drop the others' rows (it replaced them), nor repeat its own
+    one = next(iter(_records(store, batch_id)))
+    export.export(store, one, "txt", tmp_path)
+    again = pd.read_csv(folder / "conversations.csv")
+    assert sorted(again["conversation_id"]) == sorted(_records(store, batch_id))
 
 
 # --- html in a real browser -----------------------------------------------------------------
