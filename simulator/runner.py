@@ -361,9 +361,11 @@ def _refuse_manual_without_chooser(speakers: list[str], options: RunOptions) -> 
 
 def _preflight(exp: Experiment, grid: Grid, options: RunOptions) -> None:
     for warning in preflight(model_specs(exp, grid), pull_progress=options.pull_progress):
-        log.warning(warning)
         if options.on_warning:
+            log.info(warning)  # the log file keeps it; the front end shows it, once
             options.on_warning(warning)
+        else:
+            log.warning(warning)
 
 
 def _prepare(store: Store, batch: BatchRecord, exp: Experiment) -> None:

@@ -130,7 +130,7 @@ def test_openai_sends_sampling_but_not_top_k(
         extra={"repeat_penalty": 1.3},
     )
     model = OpenAIModel(spec)
-    with caplog.at_level(logging.WARNING, logger="simulator.llm.openai"):
+    with caplog.at_level(logging.INFO, logger="simulator.llm.openai"):
         reply = model.chat(MESSAGES, stop=["Researcher:"])
         model.chat(MESSAGES)
 
@@ -392,6 +392,25 @@ def test_preflight_openai(server: FakeLLMServer) -> None:
         preflight([ModelSpec("gpt-4o-mini", base_url=url)])
     with pytest.raises(ProviderAuthError):
         preflight([ModelSpec("gpt-4o-mini")])
+
+
+def test_run_says_once_what_it_cannot_send(server, tmp_path, settings, env_for) -> None:
+    """top_k on an OpenAI-compatible endpoint: one warning in `run`'s output (it was three:
+    the check's log line, its warning, and the provider's at the first call)."""
+    from typer.testing import CliRunner
+
+    from simulator.cli import app
+
+    yaml = write_experiment(
+        tmp_path / "top_k.yaml",
+        f"{{model: gpt-4o-mini, provider: openai, top_k: 5, base_url: '{server.openai_url}'}}",
+    )
+    env = {**env_for(settings), "OPENAI_API_KEY": "sk-test"}
+    args = ["run", yaml, "--messages", "2", "--days", "1", "--plain"]
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("top_k cannot") + result.output.count("top_k not") == 1
+    assert "Warning: openai/gpt-4o-mini: top_k cannot be sent" in result.output
 
 
 def test_preflight_names_every_llm_that_cannot_be_used(

@@ -166,7 +166,7 @@ class OpenAIModel:
             if self.spec.label in _warned:
                 return
             _warned.add(self.spec.label)
-        log.warning(
+        log.info(  # the check before a batch or scoring has shown it (a log file line here)
             "%s: %s not sent: OpenAI-compatible endpoints have no such request parameter",
             self.spec.label,
             ", ".join(missing),

@@ -322,7 +322,7 @@ class ScoringRun:
                 raise error from None
             warnings += outcome
         for warning in warnings:
-            log.warning(warning)
+            log.info(warning)  # the log file keeps it; the front end shows the event
             self.notify(ScoreProgress("warning", error=warning))
 
     def workers(self, items: list[Item]) -> int:
