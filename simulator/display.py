@@ -786,11 +786,15 @@ def grid_table(grid: Grid) -> Table:
     table.add_column("dimension")
     table.add_column("values")
     table.add_row("LLMs", ", ".join(s.label for s in grid.llms))
-    table.add_row("days", ", ".join(map(str, grid.day_counts())))
+    # ranges, not lists: an --every-day or --every-combination grid may be huge
     table.add_row(
-        "agents",
-        "; ".join(",".join(f"{r}={n}" for r, n in c.items()) for c in grid.agent_combinations()),
+        "days", f"1..{grid.days} (each)" if grid.every_day and grid.days > 1 else str(grid.days)
     )
+    agents = ",".join(f"{r}={n}" for r, n in grid.agents.items())
+    if grid.every_combination:
+        ranges = " × ".join(f"{r} 1..{n}" for r, n in grid.agents.items())
+        agents = f"{ranges} ({plural(grid.combination_count(), 'combination')})"
+    table.add_row("agents", agents)
     table.add_row("speaker selection", ", ".join(grid.speakers))
     for name, levels in grid.factors.items():
         table.add_row(f"factor {name}", ", ".join(levels))

@@ -129,6 +129,25 @@ def test_one_role_grids_count_small_combinations_right():
         assert grid.llm_calls() == expanded_calls(grid)
 
 
+def test_the_grid_table_gives_ranges_not_every_combination():
+    """--agents guard=3000,prisoner=3000 --every-combination --every-day: the table said every
+    one of the 9,000,000 combinations (and every day count); it gives the ranges."""
+    from rich.console import Console
+
+    from simulator import display
+
+    exp = load_experiment(PRISON)
+    grid = make_grid(
+        exp, llms=["scripted"], messages=40, days=20, agents="guard=3000,prisoner=3000",
+        speakers=["round_robin"], every_combination=True, every_day=True,
+    )  # fmt: skip
+    console = Console(record=True, width=200)
+    console.print(display.grid_table(grid))
+    text = console.export_text()
+    assert "guard 1..3000 × prisoner 1..3000 (9,000,000 combinations)" in text
+    assert "1..20 (each)" in text and "prisoner=2;" not in text
+
+
 def test_a_billion_repetitions_are_counted_at_once():
     exp = load_experiment(PRISON)
 
