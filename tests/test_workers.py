@@ -427,3 +427,31 @@ def test_the_batch_time_counts_while_any_worker_works(settings, env_for, db, tmp
     # ... and never more than the wall time it all took (both workers' time added up
     # would be more: they ran side by side for two seconds and more)
     assert batch.elapsed <= left - created + 0.5, (batch.elapsed, left - created)
+
+
+def test_a_worker_joining_a_stopped_run_claims_nothing(settings, env_for, db, tmp_path):
+    """A run stopped by one of its workers (here this test's, by hand) stops the others at
+    their next heartbeat, and a worker that joins it while it winds down (a late task of a
+    job array) stops at once, saying why, instead of setting the batch running again."""
+    server = FakeLLMServer(models={"m1:latest"}, reply=deterministic_reply, latency=0.1)
+    with server:
+        yaml = llm_yaml(tmp_path, server)
+        cli = Cli(tmp_path, env_for(settings))
+        first = cli.start("run", yaml, *TWELVE, "--concurrency", "1", "--plain")
+        wait_until(lambda: db.messages.count_documents({}) >= 1, first, "a message")
+        batch_id = db.batches.find_one({"creator": "alice"})["_id"]
+        store = Store(db, "alice")
+        with store.worker_lease(batch_id, join=True) as lease:
+            assert store.stop_run(lease, "stopped by hand") == "stopped by hand"
+            (stopped,) = ended(first)
+            late = cli.start("work", batch_id, "--plain")
+            (joined,) = ended(late)
+            assert worker_of(db, batch_id, late) is None  # it has left; this test's has not
+        for output in (stopped, joined):
+            assert "Stopped: stopped by hand" in output, output
+    assert db.conversations.count_documents({"claim.pid": late.pid}) == 0
+    counts = store.batch_counts(batch_id)
+    assert counts.get("pending", 0) >= 1 and "running" not in counts, counts
+    batch = db.batches.find_one({"_id": batch_id})
+    assert (batch["status"], batch["error"]) == ("stopped", "stopped by hand")
+    assert batch.get("runner") is None  # the last worker to leave released it
