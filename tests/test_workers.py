@@ -373,43 +373,39 @@ def worker_of(db, batch_id: str, proc: subprocess.Popen[bytes]) -> dict[str, Any
     return next((w for w in workers.values() if w["pid"] == proc.pid), None)
 
 
-def beat_since_joined(
-    db, batch_id: str, first: subprocess.Popen[bytes], second: subprocess.Popen[bytes]
-) -> bool:
-    one, two = worker_of(db, batch_id, first), worker_of(db, batch_id, second)
-    assert one is not None and two is not None
-    return bool(one["heartbeat"] > two["started_at"])
-
-
 def test_the_batch_time_counts_while_any_worker_works(settings, env_for, db, tmp_path):
     """`ran N s` is the wall time during which at least one worker of the run worked: the
     worker that began the run is killed, the one that joined runs on alone, and the time
     keeps counting until it leaves; while both ran, it counted once, not twice."""
-    server = FakeLLMServer(models={"m1:latest"}, reply=deterministic_reply, latency=0.2)
-    eight = ["--messages", "6", "--days", "2", "--agents", "guard=1,prisoner=2",
-             "--speaker", "round_robin", "--repetitions", "8"]  # fmt: skip
-    with server:
-        yaml = llm_yaml(tmp_path, server)
+    server = Gated(latency=0.15)
+    with server.fake:
+        yaml = llm_yaml(tmp_path, server.fake)
         cli = Cli(tmp_path, env_for(settings))
-        first = cli.start("run", yaml, *eight, "--concurrency", "1", "--plain")
+        first = cli.start("run", yaml, *TWELVE, "--concurrency", "1", "--plain")
         wait_until(lambda: db.batches.find_one() is not None, first, "the batch")
-        created = time.monotonic()  # the run began after this
-        wait_until(lambda: db.messages.count_documents({}) >= 1, first, "a message")
-        began = time.monotonic()  # the run began before this
+        created = time.monotonic()  # the run began after this (within a few round trips)
         batch_id = db.batches.find_one({"creator": "alice"})["_id"]
         second = cli.start("work", batch_id, "--concurrency", "1", "--plain")
+        for proc in (first, second):  # each waits at the gate in its first conversation
+            wait_until(lambda p=proc: claimed_by(db, batch_id, p.pid), proc, "a claim of each")
+        server.gate.set()
         wait_until(
             lambda: messages_of(db, claimed_by(db, batch_id, second.pid)) >= 2,
             second,
             "the second worker's messages",
         )
-        time.sleep(2.0)  # side by side a while
-        # ... the first worker's heartbeat since the second joined counted their common time
-        wait_until(lambda: beat_since_joined(db, batch_id, first, second), first, "a heartbeat")
+        time.sleep(2.0)  # side by side a while; then killed just after a heartbeat, which
+        # counted their common time (and left next to nothing of it uncounted)
+        beat = worker_of(db, batch_id, first)["heartbeat"]
+        wait_until(
+            lambda: worker_of(db, batch_id, first)["heartbeat"] > beat,
+            first,
+            "a heartbeat",
+        )
         first.kill()
         first.wait()
         Cli.output(first)
-        # left for the second worker alone: at least 3 conversations of 8 calls of 0.2 s
+        # left for the second worker alone: conversations of 8 calls of 0.15 s each
         assert db.conversations.count_documents({"batch_id": batch_id, "status": "pending"}) >= 3
         present = time.monotonic()
         while worker_of(db, batch_id, second) is not None:
@@ -422,8 +418,8 @@ def test_the_batch_time_counts_while_any_worker_works(settings, env_for, db, tmp
     batch = Store(db, "alice").get_batch(batch_id)
     assert batch.status == "completed"
     # Counted from the run's start until the second worker left (the first worker's own
-    # time stopped at the kill, 3 conversations of at least 1.6 s each earlier) ...
-    assert batch.elapsed >= present - began - 0.5, (batch.elapsed, present - began)
+    # time stopped at the kill, 3 conversations of at least 1.2 s each earlier) ...
+    assert batch.elapsed >= present - created - 1.0, (batch.elapsed, present - created)
     # ... and never more than the wall time it all took (both workers' time added up
     # would be more: they ran side by side for two seconds and more)
     assert batch.elapsed <= left - created + 0.5, (batch.elapsed, left - created)
