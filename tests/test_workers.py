@@ -283,6 +283,13 @@ class Gated:
         self.gate.wait(60)
         return deterministic_reply(body)
 
+    def __enter__(self) -> FakeLLMServer:
+        return self.fake.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.gate.set()  # a test that failed before opening it does not wait for its calls
+        self.fake.__exit__(*exc)
+
 
 def two_workers_on_one_batch(
     db, cli: Cli, yaml: str, *flags: str
@@ -319,7 +326,7 @@ def test_max_failures_counts_the_failures_of_every_worker(settings, env_for, db,
     limit, whichever worker had it. Counted per worker, each would stop only at its own
     third failure (six in all); here at most the limit plus the one in flight of each."""
     server = Gated()
-    with server.fake:
+    with server:
         yaml = llm_yaml(tmp_path, server.fake)
         env = {**env_for(settings), "SIMULATOR_RETRY_ATTEMPTS": "1"}
         cli = Cli(tmp_path, env)
@@ -346,7 +353,7 @@ def test_a_worker_that_stops_the_batch_stops_the_others(settings, env_for, db, t
     with it at its next heartbeat, rather than running the rest of the batch; each reports
     why, and the batch is `stopped` with the reason."""
     server = Gated(latency=0.2)
-    with server.fake:
+    with server:
         yaml = llm_yaml(tmp_path, server.fake)
         env = {**env_for(settings), "SIMULATOR_RETRY_ATTEMPTS": "1"}
         cli = Cli(tmp_path, env)
@@ -378,7 +385,7 @@ def test_the_batch_time_counts_while_any_worker_works(settings, env_for, db, tmp
     worker that began the run is killed, the one that joined runs on alone, and the time
     keeps counting until it leaves; while both ran, it counted once, not twice."""
     server = Gated(latency=0.15)
-    with server.fake:
+    with server:
         yaml = llm_yaml(tmp_path, server.fake)
         cli = Cli(tmp_path, env_for(settings))
         first = cli.start("run", yaml, *TWELVE, "--concurrency", "1", "--plain")
