@@ -418,6 +418,7 @@ def _run(
             join=options.join,
             on_lost=run.lease_lost,
             on_last=run.final_status,
+            on_stopped=run.stopped_elsewhere,
         ) as lease,
     ):
         run.lease = lease
@@ -446,8 +447,7 @@ class _BatchRun:
         self.lock = threading.Lock()
         self.outcome = _Outcome()  # the closing summary, counted as the run goes (issue 14)
         self.notify = self.outcome.observer(options.on_progress)
-        self.failures = 0
-        self.threshold = 0
+        self.threshold = 0  # failures of the run (all its workers) allowed
         self.reason: str | None = None
         self.interrupted = False
         self.storage_error: BaseException | None = None
@@ -479,8 +479,10 @@ class _BatchRun:
             if not batch.prepared and self.lease.owner == self.lease.token:
                 self._prepare()  # the worker that began the run prepares it; others wait
                 batch.prepared = True
-            store.set_batch_status(batch.id, BatchStatus.RUNNING, lease=self.lease)
             self.threshold = failure_threshold(self.options.max_failures, batch.total)
+            stopped = store.start_running(self.lease)
+            if stopped is not None:  # joined a run that another worker has stopped since
+                self.stopped_elsewhere(stopped)
             remaining = store.count_unfinished(batch.id)
             # Planned calls of the conversations left (exact for a new batch); a resumed
             # conversation reports what it had already stored when it starts.
@@ -547,13 +549,25 @@ class _BatchRun:
                 f"for one record ({str(e).splitlines()[0][:120]}). Shorten the experiment's "
                 "sections (or use fewer agents), then start a new batch with `simulator run`."
             )
-            self.store.set_batch_status(self.batch.id, BatchStatus.STOPPED, error, lease=self.lease)
+            assert self.lease is not None
+            self.store.stop_run(self.lease, error)  # workers waiting for it stop too
             raise RecordTooLarge(error) from None
 
     def lease_lost(self) -> None:
         """The heartbeat found another process holding the batch: stop at once."""
         self.stop.set()
         self.notify(ProgressEvent("stopping", self.batch.id, error="the batch was taken over"))
+
+    def stopped_elsewhere(self, reason: str) -> None:
+        """Another worker stopped the run for all (e.g. more of its conversations failed
+        than --max-failures allows): claim nothing more, as if this worker had stopped it."""
+        with self.lock:
+            first = self.reason is None and not self.stop.is_set()
+            if first:
+                self.reason = reason
+            self.stop.set()
+        if first:
+            self.notify(ProgressEvent("stopping", self.batch.id, error=reason))
 
     def _lease_failed(self, error: LeaseLost) -> None:
         with self.lock:
@@ -667,17 +681,7 @@ class _BatchRun:
         except (StorageError, PyMongoError) as e:
             self._storage_failed(e)
         except Exception as e:  # the conversation failed (and is stored as failed)
-            with self.lock:
-                self.failures += 1
-                stopping = self.failures > self.threshold and not self.stop.is_set()
-                if stopping:
-                    self.reason = (
-                        f"{self.failures} conversations failed, more than --max-failures allows "
-                        f"({self.threshold}); last error: {e}"
-                    )
-                    self.stop.set()
-            if stopping:
-                self.notify(ProgressEvent("stopping", self.batch.id, error=self.reason))
+            self._failed(e)
         except KeyboardInterrupt:  # the manual speaker question was cancelled
             with self.lock:
                 self.interrupted = True
@@ -686,6 +690,28 @@ class _BatchRun:
             with self.lock:
                 self.crash = self.crash or e
             self.stop.set()
+
+    def _failed(self, error: Exception) -> None:
+        """A conversation failed: once more conversations of the run failed than
+        --max-failures allows, counted over all its workers (in the store, so only when
+        one fails), the run stops, for every worker."""
+        assert self.lease is not None
+        failed = self.store.failed_in_run(self.lease)
+        with self.lock:
+            stopping = failed > self.threshold and not self.stop.is_set()
+            if stopping:
+                self.reason = (
+                    f"{failed} conversations failed, more than --max-failures allows "
+                    f"({self.threshold}); last error: {error}"
+                )
+                self.stop.set()
+        if stopping:
+            assert self.reason is not None
+            # the reason of a worker that stopped the run first, if one did: one for all
+            reason = self.store.stop_run(self.lease, self.reason)
+            with self.lock:
+                self.reason = reason
+            self.notify(ProgressEvent("stopping", self.batch.id, error=reason))
 
     def _storage_failed(self, error: BaseException) -> None:
         with self.lock:
@@ -768,6 +794,13 @@ class _BatchRun:
         outcome = self.outcome
         outcome.interrupted += store.mark_interrupted(batch.id, lease)
         others = store.other_workers(lease)
+        if self.reason is None and not self.interrupted:
+            # stopped by another worker since this one's last heartbeat (read after the
+            # others: one that stopped the run did so before it left)
+            stopped = store.run_stopped(lease)
+            if stopped is not None:
+                with self.lock:
+                    self.reason = stopped
         # The run's own counts are the batch's when it started the batch, ran every
         # conversation of it from the start, alone, and every write landed (issue 14);
         # otherwise the store counts.
@@ -783,8 +816,9 @@ class _BatchRun:
         note = None
         if others:  # the last worker to leave sets the batch's status
             note = (
-                f"This worker stopped; {display_plural(others, 'other worker')} still work on "
-                f"batch {batch.id} (`simulator watch {batch.id}`)."
+                f"This worker stopped; {display_plural(others, 'other worker')} still "
+                f"{'works' if others == 1 else 'work'} on batch {batch.id} "
+                f"(`simulator watch {batch.id}`)."
             )
             ended = status == BatchStatus.INTERRUPTED or reason
             shown = status if ended else BatchStatus.RUNNING

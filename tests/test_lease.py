@@ -126,3 +126,42 @@ def test_resume_without_an_id_takes_the_latest_unfinished_batch(interrupted_batc
     assert result.exit_code == 0, result.output
     assert f"Batch {batch_id}: completed" in result.output
     assert store.get_batch(batch_id).status == "completed"
+
+
+def test_starting_a_new_batch_recounts_nothing_and_a_stale_one_is_recounted(settings, db):
+    """A batch that has no conversation yet starts with exact (empty) totals: taking its
+    lease counts no record (the recount would read every message, summary and selector
+    call of the batch). Totals left untrusted are still recounted when it is taken."""
+    from pymongo import MongoClient
+
+    from simulator.experiment import load_experiment
+    from simulator.grid import make_grid
+    from simulator.runner import RunOptions, start_batch
+    from tests.test_tally import Commands, kept, recount
+
+    records = ("messages", "summaries", "selector_calls")
+    listener = Commands()
+    client: MongoClient = MongoClient(settings.mongodb_uri, event_listeners=[listener])
+    try:
+        store = Store.open(client[db.name], "alice")
+        exp = store.insert_experiment(load_experiment(PRISON_ONE))
+        grid = make_grid(
+            exp, llms=["scripted"], messages=4, days=1, agents="guard=1,prisoner=2",
+            speakers=["round_robin"], repetitions=2,
+        )  # fmt: skip
+        listener.seen.clear()
+        report = start_batch(store, exp, grid, RunOptions())
+        assert report.status == "completed"
+        counted = [c for c in listener.seen if c[0] == "aggregate" and c[1] in records]
+        assert counted == []  # the run wrote its records; it never counted them
+        assert kept(db, report.batch_id) == recount(db, report.batch_id)  # and they are exact
+        # Totals dropped (a write without the batch's lease): recounted at the next claim.
+        db.batches.update_one({"_id": report.batch_id}, {"$unset": {"tally": ""}})
+        listener.seen.clear()
+        with store.worker_lease(report.batch_id):
+            pass
+        counted = [c for c in listener.seen if c[0] == "aggregate" and c[1] in records]
+        assert sorted(c[1] for c in counted) == sorted(records)  # one count of each
+        assert kept(db, report.batch_id) == recount(db, report.batch_id)
+    finally:
+        client.close()

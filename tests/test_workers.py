@@ -7,6 +7,8 @@ continued by another, a worker whose claim was taken over writes nothing more, a
 from __future__ import annotations
 
 import signal
+import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -261,3 +263,198 @@ def test_max_cost_needs_a_price_for_every_model(settings, env_for, db):
         "completed": 1,
         "pending": 2,
     }
+
+
+# --- --max-failures counts every worker's failures; a stop reaches every worker ----------
+
+TWELVE = ["--messages", "6", "--days", "2", "--agents", "guard=1,prisoner=2",
+          "--speaker", "round_robin", "--repetitions", "12", "--seed", "5"]  # fmt: skip
+
+
+class Gated:
+    """A local LLM server whose chat calls wait at `gate` (until both workers have claimed
+    a conversation), so that both work on the batch when the failures begin."""
+
+    def __init__(self, latency: float = 0.0) -> None:
+        self.gate = threading.Event()
+        self.fake = FakeLLMServer(models={"m1:latest"}, reply=self.reply, latency=latency)
+
+    def reply(self, body: dict[str, Any]) -> str:
+        self.gate.wait(60)
+        return deterministic_reply(body)
+
+    def __enter__(self) -> FakeLLMServer:
+        return self.fake.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.gate.set()  # a test that failed before opening it does not wait for its calls
+        self.fake.__exit__(*exc)
+
+
+def two_workers_on_one_batch(
+    db, cli: Cli, yaml: str, *flags: str
+) -> tuple[str, subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+    """A `simulator run` and a `simulator work` of its batch, each in the middle of its
+    first conversation (its first call waiting at the server's gate)."""
+    first = cli.start("run", yaml, *TWELVE, "--concurrency", "1", *flags, "--plain")
+    wait_until(
+        lambda: db.batches.find_one({"creator": "alice", "prepared": True}) is not None,
+        first,
+        "the batch",
+    )
+    batch_id = db.batches.find_one({"creator": "alice"})["_id"]
+    second = cli.start("work", batch_id, "--concurrency", "1", *flags, "--plain")
+    for proc in (first, second):
+        wait_until(lambda p=proc: claimed_by(db, batch_id, p.pid), proc, "a claim of each")
+    return batch_id, first, second
+
+
+def ended(*procs: subprocess.Popen[bytes]) -> list[str]:
+    """Each process's exit code checked (1: the batch stopped) and its output."""
+    outputs = []
+    for proc in procs:
+        proc.wait(timeout=120)
+        out, err = Cli.output(proc)
+        assert proc.returncode == 1, out + err
+        assert "Traceback" not in out + err
+        outputs.append(out + err)
+    return outputs
+
+
+def test_max_failures_counts_the_failures_of_every_worker(settings, env_for, db, tmp_path):
+    """Every call fails once both workers work: the batch stops at the failure past the
+    limit, whichever worker had it. Counted per worker, each would stop only at its own
+    third failure (six in all); here at most the limit plus the one in flight of each."""
+    server = Gated()
+    with server:
+        yaml = llm_yaml(tmp_path, server.fake)
+        env = {**env_for(settings), "SIMULATOR_RETRY_ATTEMPTS": "1"}
+        cli = Cli(tmp_path, env)
+        batch_id, first, second = two_workers_on_one_batch(db, cli, yaml, "--max-failures", "2")
+        server.fake.fail_statuses = [500]
+        server.fake.fail_rate = 1.0  # the calls after the ones waiting at the gate
+        server.gate.set()
+        outputs = ended(first, second)
+    counts = Store(db, "alice").batch_counts(batch_id)
+    in_flight = 2  # one conversation at a time in each worker
+    assert 3 <= counts["failed"] <= 2 + in_flight, counts
+    assert counts.get("pending", 0) >= 12 - 2 - 2 - in_flight, counts  # no more were claimed
+    assert "running" not in counts
+    batch = db.batches.find_one({"_id": batch_id})
+    assert batch["status"] == "stopped" and "more than --max-failures allows (2)" in batch["error"]
+    why = batch["error"].split(";")[0]  # "N conversations failed, more than ..."
+    for output in outputs:  # each worker says why the batch stopped: one reason for all
+        assert f"Stopped: {why}" in output, output
+
+
+def test_a_worker_that_stops_the_batch_stops_the_others(settings, env_for, db, tmp_path):
+    """Three calls fail, then every call succeeds (slowly): the worker whose failure passes
+    the limit of 2 stops the batch, and the other, whose conversations all go well, stops
+    with it at its next heartbeat, rather than running the rest of the batch; each reports
+    why, and the batch is `stopped` with the reason."""
+    server = Gated(latency=0.2)
+    with server:
+        yaml = llm_yaml(tmp_path, server.fake)
+        env = {**env_for(settings), "SIMULATOR_RETRY_ATTEMPTS": "1"}
+        cli = Cli(tmp_path, env)
+        batch_id, first, second = two_workers_on_one_batch(db, cli, yaml, "--max-failures", "2")
+        server.fake.fail_next(500, 500, 500)
+        server.gate.set()
+        outputs = ended(first, second)
+    counts = Store(db, "alice").batch_counts(batch_id)
+    assert counts["failed"] == 3, counts
+    # The batch stopped: conversations were left for `resume` (the other worker would take
+    # 1.6 s of calls for each; it stopped within a heartbeat, 2 s).
+    assert counts.get("pending", 0) >= 3, counts
+    assert "running" not in counts
+    batch = db.batches.find_one({"_id": batch_id})
+    assert batch["status"] == "stopped", batch["status"]
+    assert batch["error"].startswith("3 conversations failed, more than --max-failures allows (2)")
+    for output in outputs:
+        assert "Stopped: 3 conversations failed, more than --max-failures allows (2)" in output
+        assert f"simulator resume {batch_id}" in output
+
+
+def worker_of(db, batch_id: str, proc: subprocess.Popen[bytes]) -> dict[str, Any] | None:
+    workers = db.batches.find_one({"_id": batch_id}, {"workers": 1}).get("workers") or {}
+    return next((w for w in workers.values() if w["pid"] == proc.pid), None)
+
+
+def test_the_batch_time_counts_while_any_worker_works(settings, env_for, db, tmp_path):
+    """`ran N s` is the wall time during which at least one worker of the run worked: the
+    worker that began the run is killed, the one that joined runs on alone, and the time
+    keeps counting until it leaves; while both ran, it counted once, not twice."""
+    server = Gated(latency=0.15)
+    with server:
+        yaml = llm_yaml(tmp_path, server.fake)
+        cli = Cli(tmp_path, env_for(settings))
+        first = cli.start("run", yaml, *TWELVE, "--concurrency", "1", "--plain")
+        wait_until(lambda: db.batches.find_one() is not None, first, "the batch")
+        created = time.monotonic()  # the run began after this (within a few round trips)
+        batch_id = db.batches.find_one({"creator": "alice"})["_id"]
+        second = cli.start("work", batch_id, "--concurrency", "1", "--plain")
+        for proc in (first, second):  # each waits at the gate in its first conversation
+            wait_until(lambda p=proc: claimed_by(db, batch_id, p.pid), proc, "a claim of each")
+        server.gate.set()
+        wait_until(
+            lambda: messages_of(db, claimed_by(db, batch_id, second.pid)) >= 2,
+            second,
+            "the second worker's messages",
+        )
+        time.sleep(2.0)  # side by side a while; then killed just after a heartbeat, which
+        # counted their common time (and left next to nothing of it uncounted)
+        beat = worker_of(db, batch_id, first)["heartbeat"]
+        wait_until(
+            lambda: worker_of(db, batch_id, first)["heartbeat"] > beat,
+            first,
+            "a heartbeat",
+        )
+        first.kill()
+        first.wait()
+        Cli.output(first)
+        # left for the second worker alone: conversations of 8 calls of 0.15 s each
+        assert db.conversations.count_documents({"batch_id": batch_id, "status": "pending"}) >= 3
+        present = time.monotonic()
+        while worker_of(db, batch_id, second) is not None:
+            present = time.monotonic()  # the second worker had not left
+            time.sleep(0.02)
+        left = time.monotonic()
+        second.wait(timeout=60)
+        out, err = Cli.output(second)
+        assert second.returncode == 0, out + err
+    batch = Store(db, "alice").get_batch(batch_id)
+    assert batch.status == "completed"
+    # Counted from the run's start until the second worker left (the first worker's own
+    # time stopped at the kill, 3 conversations of at least 1.2 s each earlier) ...
+    assert batch.elapsed >= present - created - 1.0, (batch.elapsed, present - created)
+    # ... and never more than the wall time it all took (both workers' time added up
+    # would be more: they ran side by side for two seconds and more)
+    assert batch.elapsed <= left - created + 0.5, (batch.elapsed, left - created)
+
+
+def test_a_worker_joining_a_stopped_run_claims_nothing(settings, env_for, db, tmp_path):
+    """A run stopped by one of its workers (here this test's, by hand) stops the others at
+    their next heartbeat, and a worker that joins it while it winds down (a late task of a
+    job array) stops at once, saying why, instead of setting the batch running again."""
+    server = FakeLLMServer(models={"m1:latest"}, reply=deterministic_reply, latency=0.1)
+    with server:
+        yaml = llm_yaml(tmp_path, server)
+        cli = Cli(tmp_path, env_for(settings))
+        first = cli.start("run", yaml, *TWELVE, "--concurrency", "1", "--plain")
+        wait_until(lambda: db.messages.count_documents({}) >= 1, first, "a message")
+        batch_id = db.batches.find_one({"creator": "alice"})["_id"]
+        store = Store(db, "alice")
+        with store.worker_lease(batch_id, join=True) as lease:
+            assert store.stop_run(lease, "stopped by hand") == "stopped by hand"
+            (stopped,) = ended(first)
+            late = cli.start("work", batch_id, "--plain")
+            (joined,) = ended(late)
+            assert worker_of(db, batch_id, late) is None  # it has left; this test's has not
+        for output in (stopped, joined):
+            assert "Stopped: stopped by hand" in output, output
+    assert db.conversations.count_documents({"claim.pid": late.pid}) == 0
+    counts = store.batch_counts(batch_id)
+    assert counts.get("pending", 0) >= 1 and "running" not in counts, counts
+    batch = db.batches.find_one({"_id": batch_id})
+    assert (batch["status"], batch["error"]) == ("stopped", "stopped by hand")
+    assert batch.get("runner") is None  # the last worker to leave released it

@@ -38,6 +38,7 @@ from simulator.store.records import (
     BEAT_SECONDS,
     LEASE_SECONDS,
     BatchRecord,
+    BatchTally,
     ConversationRecord,
     Lease,
     LeaseHolder,
@@ -59,6 +60,9 @@ class Batches(Tallies):
             "prepared": False,
             "creator": self.user,
             "created_at": now(),
+            # No conversation yet: its totals are exact (empty), so the first run that
+            # claims it has nothing to recount (Store._claim).
+            "tally": _tally_doc(BatchTally(), TALLY_RELEASED),
         }
         self._batches.insert_one(doc)
         return _batch(doc)

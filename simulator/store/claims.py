@@ -10,6 +10,14 @@ interrupted, failed in an earlier run, or running under a worker that is gone: a
 from an earlier run, a claim whose heartbeat is older than the lease's seconds, or one
 of a worker known dead (its pid gone on this host). A worker that loses a claim writes
 nothing more to that conversation (fencing: `Lease.check(conv_id)`, `_fence`).
+
+A worker may stop the run for all (`stop_run`, e.g. more conversations of the run failed
+than --max-failures allows): the reason is kept on the run (`runner.stop`), and every
+other worker reads it with its next heartbeat and stops too. The batch's `elapsed` grows
+by the wall time during which at least one worker of the run was working: every worker's
+heartbeat adds the part of its own time since its last heartbeat that no worker has added
+yet (`_run_time`, judged by the server's clock), so time is neither lost when the worker
+that began the run leaves early nor counted twice by workers running side by side.
 """
 
 from __future__ import annotations
@@ -52,10 +60,13 @@ class WorkerClaims(Batches):
         join: bool = True,
         on_lost: Callable[[], None] | None = None,
         on_last: Callable[[], tuple[BatchStatus, str | None] | None] | None = None,
+        on_stopped: Callable[[str], None] | None = None,
     ) -> Iterator[Lease]:
         """Work on a batch as one of its workers. `join`: work alongside live workers
         (else a live run of the batch refuses, as `resume` always did). `on_last`: the
-        status to set when this worker leaves last and the batch is still `running`."""
+        status to set when this worker leaves last and the batch is still `running`.
+        `on_stopped(reason)`: called (once) when a heartbeat finds that another worker
+        stopped the run (`stop_run`)."""
         lease = Lease(
             batch_id=batch_id,
             token=new_id(),
@@ -69,7 +80,11 @@ class WorkerClaims(Batches):
         counted = [time.monotonic()]
         try:
             with self._heartbeats(
-                lease, lambda elapsed: self._beat(lease, elapsed), counted, on_lost, "worker-lease"
+                lease,
+                lambda elapsed: self._beat(lease, elapsed, on_stopped),
+                counted,
+                on_lost,
+                "worker-lease",
             ):
                 yield lease
         finally:
@@ -130,34 +145,99 @@ class WorkerClaims(Batches):
             "started_at": now(),
         }
 
-    def _beat(self, lease: Lease, elapsed: float) -> bool:
-        """One heartbeat: the batch's and this worker's, then its claims'. False when the
-        run was taken over or this worker was given up for dead (it then writes nothing)."""
+    def _beat(
+        self, lease: Lease, elapsed: float, on_stopped: Callable[[str], None] | None = None
+    ) -> bool:
+        """One heartbeat: the batch's and this worker's (with the run's time, see
+        `_run_time`), then its claims'. False when the run was taken over or this worker
+        was given up for dead (it then writes nothing). Reads whether the run was stopped."""
         sent = time.monotonic()
-        update: dict[str, Any] = {
-            "$currentDate": {"runner.heartbeat": True, f"workers.{lease.token}.heartbeat": True}
+        beat = {
+            "runner.heartbeat": "$$NOW",
+            f"workers.{lease.token}.heartbeat": "$$NOW",
+            **_run_time(elapsed),
         }
-        if lease.token == lease.owner:  # the run's time is counted by the worker that began it
-            update["$inc"] = {"elapsed": elapsed}
         mine = {
             "_id": lease.batch_id,
             "runner.token": lease.owner,
             f"workers.{lease.token}": {"$exists": True},
         }
-        if self._batches.update_one(mine, update).matched_count == 0:
+        doc = self._batches.find_one_and_update(mine, [{"$set": beat}], {"runner.stop": 1})
+        if doc is None:
             return False
         held = set(lease.conversations)
         if held:
             claims = {"_id": {"$in": sorted(held)}, "claim.token": lease.token}
-            beat = self._conversations.update_many(
+            beaten = self._conversations.update_many(
                 claims, {"$currentDate": {"claim.heartbeat": True}}
             )
-            if beat.matched_count < len(held):
+            if beaten.matched_count < len(held):
                 still = {d["_id"] for d in self._conversations.find(claims, {"_id": 1})}
                 lease.lost_conversations |= held - still
                 lease.conversations -= held - still
         lease.beat_at = sent
+        stop = (doc.get("runner") or {}).get("stop")
+        if stop and lease.stop_reason is None:
+            lease.stop_reason = str(stop)
+            if on_stopped is not None:
+                on_stopped(lease.stop_reason)
         return True
+
+    def failed_in_run(self, lease: Lease) -> int:
+        """Conversations of the batch that failed in this run, by any of its workers (a
+        conversation failed in an earlier run is claimed again, and so counted anew)."""
+        return self._conversations.count_documents(
+            {
+                "batch_id": lease.batch_id,
+                "status": ConversationStatus.FAILED.value,
+                "claim.epoch": lease.owner,
+            }
+        )
+
+    def stop_run(self, lease: Lease, reason: str) -> str:
+        """Stop this run of the batch for all its workers: the batch is `stopped` with
+        `reason` at once, and each other worker stops at its next heartbeat (its calls in
+        flight get their grace, as with Ctrl-C). Returns the reason the run stopped for:
+        this one, or that of a worker that stopped it first."""
+        stopped = self._batches.update_one(
+            {
+                "_id": lease.batch_id,
+                "runner.token": lease.owner,
+                f"workers.{lease.token}": {"$exists": True},
+                "runner.stop": {"$exists": False},
+            },
+            {
+                "$set": {
+                    "runner.stop": reason,
+                    "status": BatchStatus.STOPPED.value,
+                    "error": reason,
+                    "finished_at": now(),
+                }
+            },
+        )
+        if stopped.matched_count:
+            lease.stop_reason = reason
+        return self.run_stopped(lease) or reason
+
+    def run_stopped(self, lease: Lease) -> str | None:
+        """Why a worker stopped this run of the batch (`stop_run`), or None."""
+        if lease.stop_reason is None:
+            doc = self._batches.find_one(
+                {"_id": lease.batch_id, "runner.token": lease.owner}, {"runner.stop": 1}
+            )
+            stop = ((doc or {}).get("runner") or {}).get("stop")
+            lease.stop_reason = str(stop) if stop else None
+        return lease.stop_reason
+
+    def start_running(self, lease: Lease) -> str | None:
+        """Mark the batch `running` for this run, unless a worker of the run has stopped
+        it already; returns the reason it was stopped then (None: running)."""
+        lease.check()
+        running = self._batches.update_one(
+            {"_id": lease.batch_id, "runner.token": lease.owner, "runner.stop": {"$exists": False}},
+            {"$set": {"status": BatchStatus.RUNNING.value, "error": None}},
+        )
+        return None if running.matched_count else self.run_stopped(lease)
 
     def claim_conversation(
         self, lease: Lease, *, dead: Iterable[str] = ()
@@ -298,9 +378,10 @@ class WorkerClaims(Batches):
         on_last: Callable[[], tuple[BatchStatus, str | None] | None] | None,
     ) -> None:
         dead = self.reap_workers(lease)
-        update: dict[str, Any] = {"$unset": {f"workers.{lease.token}": ""}}
-        if lease.token == lease.owner:
-            update["$inc"] = {"elapsed": elapsed}
+        update: list[dict[str, Any]] = [
+            {"$set": _run_time(elapsed)},
+            {"$unset": f"workers.{lease.token}"},
+        ]
         doc = self._batches.find_one_and_update(
             {"_id": lease.batch_id, "runner.token": lease.owner},
             update,
@@ -359,6 +440,21 @@ class WorkerClaims(Batches):
                 )
             )
         return out
+
+
+def _run_time(elapsed: float) -> dict[str, Any]:
+    """The fields of a pipeline update that add to the batch's `elapsed` the part of a
+    worker's last `elapsed` seconds that no worker of the run has added yet: at most the
+    time since the run's time was last added (`runner.counted`, the server's clock in ms),
+    which then becomes now. Workers side by side add their common time once; the time of
+    one that left or was killed keeps being added by those still working."""
+    now_ms = {"$toLong": "$$NOW"}
+    since = {"$divide": [{"$subtract": [now_ms, {"$ifNull": ["$runner.counted", 0]}]}, 1000]}
+    added = {"$max": [0, {"$min": [max(0.0, elapsed), since]}]}
+    return {
+        "elapsed": {"$add": [{"$ifNull": ["$elapsed", 0]}, added]},
+        "runner.counted": now_ms,
+    }
 
 
 def _fence(conv_ids: list[str], lease: Lease, outcome: list[BaseException | None]) -> set[int]:

@@ -90,6 +90,8 @@ class Lease:
     skew: timedelta = field(default_factory=timedelta)  # the server's clock minus ours
     pending: list[str] = field(default_factory=list)  # ids of pending conversations to try
     claiming: threading.Lock = field(default_factory=threading.Lock)
+    # Why a worker of the run stopped it for all (WorkerClaims.stop_run), once known here.
+    stop_reason: str | None = None
 
     @property
     def owner(self) -> str:
