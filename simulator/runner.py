@@ -774,6 +774,9 @@ class _BatchRun:
         if self.interrupted or (self.stop.is_set() and not reason):
             # Ctrl-C, kill, or a front end setting options.stop
             return BatchStatus.INTERRUPTED, "interrupted"
+        if self.budget_reason and not self.reason and not waiting:
+            # the budget was reached with every conversation started: none was left out
+            reason = None
         if reason:
             if self.budget_reason and not self.reason:
                 reason = (

@@ -247,6 +247,20 @@ def test_max_tokens_stops_scheduling_and_resume_finishes(settings, env_for, db):
     assert db.messages.count_documents({"batch_id": batch.id}) == 6 * 4  # none redone
 
 
+def test_a_budget_reached_by_the_last_conversations_completes_the_batch(settings, env_for, db):
+    """The budget is reached once every conversation has started: nothing was left out, so
+    the batch is completed (it was `stopped` with "continue with simulator resume")."""
+    grid = ["--llm", "scripted", "--messages", "4", "--days", "1", "--max-tokens", "1"]
+    result = CliRunner().invoke(
+        app, ["run", str(PRISON_ONE), *grid, "--plain"], env=env_for(settings)
+    )
+    assert result.exit_code == 0, result.output
+    assert "--max-tokens 1 reached" in result.output  # said when it was reached
+    assert "simulator resume" not in result.output
+    (batch,) = Store(db, "alice").list_batches()
+    assert batch.status == "completed" and batch.error is None
+
+
 def test_max_cost_needs_a_price_for_every_model(settings, env_for, db):
     env = env_for(settings)
     args = ["run", str(PRISON_ONE), "--llm", "scripted", "--messages", "2", "--days", "1"]
