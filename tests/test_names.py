@@ -184,10 +184,11 @@ def test_a_hexadecimal_name_is_not_silently_an_id_prefix(cli, db, tmp_path):
     (named,) = [r.experiment for r in alice.list_experiments() if r.experiment.name == clash]
     assert named.id is not None
 
-    refused = cli("experiment", "show", clash, ok=False)
-    text = " ".join(refused.stderr.split())
-    assert f"'{clash}' is ambiguous: it is the name of experiment {named.id[:8]}" in text
-    assert f"starts the id of {other.id}" in text
+    for command in (("experiment", "show", clash), ("export", clash), ("conversations", clash)):
+        refused = cli(*command, ok=False)
+        text = " ".join(refused.stderr.split())
+        assert f"it is the name of experiment {named.id[:8]}" in text, command
+        assert f"starts the id of {other.id}" in text
     cli("experiment", "note", clash, "mine", ok=False)
     assert alice.get_experiment(other.id).note != "mine"
     assert alice.get_experiment(named.id).note != "mine"

@@ -172,7 +172,9 @@ class Experiments(Batches, Conversations):
                 for d in by_id[:2]
             )
             return _Miss(
-                f"'{ref}' is ambiguous: it is the name of {_listing(named, self.user)} and "
+                # "more than one": what export.select looks for to pass a message on
+                f"'{ref}' could mean more than one experiment: it is the name of "
+                f"{_listing(named, self.user)} and "
                 f"starts the id of {ids}{', ...' if len(by_id) > 2 else ''}. Give the whole id "
                 "of the experiment you mean.",
                 ambiguous=True,
@@ -205,7 +207,10 @@ class Experiments(Batches, Conversations):
         hint = f" (names are case-sensitive: did you mean '{similar['name']}'?)" if similar else ""
         if hexadecimal:
             return _Miss(f"No experiment is named '{ref}'{hint} or has an id starting with it.")
-        return _Miss(f"No experiment is named '{ref}'{hint}.")
+        return _Miss(
+            f"No experiment is named '{ref}'{hint}, and it is not an id: ids are hexadecimal, "
+            "e.g. 3f2a9c01b7de."
+        )
 
     def find_experiment_or_batch(self, ref: str) -> tuple[str, Experiment, str | None]:
         """What `ref` names: an experiment (as `get_experiment`) or a batch (id or prefix).
