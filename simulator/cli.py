@@ -26,6 +26,7 @@ from simulator.frontend import (
     err,
     friendly,
     lazy_function,
+    notice,
     open_store,
     out,
     print_error,
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from simulator import display, prompts
     from simulator.experiment import Experiment, load_experiment, save_experiment
     from simulator.grid import make_grid
-    from simulator.importing import check_experiment_file, import_experiment
+    from simulator.importing import ImportResult, check_experiment_file, import_experiment
     from simulator.llm.cache import ResponseCache
     from simulator.runner import (
         BatchReport,
@@ -208,7 +209,7 @@ def _interactive() -> None:
 # --- experiments -------------------------------------------------------------------------
 
 EXPERIMENT_ARGUMENT = typer.Argument(
-    ..., metavar="EXPERIMENT", help="Experiment id or unique prefix."
+    ..., metavar="EXPERIMENT", help="Experiment id, unique id prefix or name."
 )
 
 NEW_OPTION = typer.Option(
@@ -220,18 +221,36 @@ NEW_OPTION = typer.Option(
 
 
 def experiment_ref(store: Store, ref: str, *, as_new: bool = False) -> Experiment:
-    """An experiment given as a YAML file (imported on the way) or an id prefix."""
+    """An experiment given as a YAML file (imported on the way; a path that exists is a
+    file), or as an id, a unique id prefix or a name (Store.get_experiment)."""
+    from simulator.errors import NotFoundError
+
     path = Path(ref)
     check_experiment_file(path)
-    if path.suffix in (".yaml", ".yml") or path.is_file():
-        if not path.is_file():
-            raise UserError(f"{ref}: no such file. Give a YAML file or an experiment id.")
+    if path.is_file():
         result = import_experiment(store, path, as_new=as_new)
-        notice = result.notice()
-        if notice:
-            err.print(f"[yellow]Note:[/] {notice}", markup=True, highlight=False)
+        for line in (result.notice(), shared_name(store, result)):
+            if line:
+                notice(line)
         return result.experiment
-    return store.get_experiment(ref)
+    try:
+        return store.get_experiment(ref)
+    except NotFoundError as e:
+        if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+            raise UserError(
+                f"{ref}: no such file, nor an experiment of that name. Give a YAML file, or an "
+                "experiment's id or name (list them with `simulator experiment list`)."
+            ) from None
+        raise e from None
+
+
+def shared_name(store: Store, result: ImportResult) -> str | None:
+    """The warning for an import that created an experiment whose name others have."""
+    return (
+        store.shared_name_notice(result.experiment.name, result.experiment.id)
+        if result.created
+        else None
+    )
 
 
 @experiment_app.command("import")
@@ -241,13 +260,17 @@ def experiment_import(
     as_new: bool = NEW_OPTION,
 ) -> None:
     """Import an experiment from YAML (validated first; an unchanged file is imported once)."""
-    result = import_experiment(open_store(), file, as_new=as_new)
+    store = open_store()
+    result = import_experiment(store, file, as_new=as_new)
     exp = result.experiment
     verb = "Imported" if result.created else "Already imported"
     out.print(f"{verb} experiment '{exp.name}' as {exp.id}")
-    notice = result.notice()
-    if notice:
-        out.print(notice, markup=False)
+    told = result.notice()
+    if told:
+        out.print(told, markup=False)
+    warning = shared_name(store, result)
+    if warning:
+        notice(warning)
 
 
 @experiment_app.command("list")
@@ -303,7 +326,7 @@ def experiment_export(
 @friendly
 def experiment_duplicate(
     ref: str = typer.Argument(
-        ..., metavar="EXPERIMENT", help="Experiment id or unique prefix (anyone's)."
+        ..., metavar="EXPERIMENT", help="Experiment id, unique id prefix or name (anyone's)."
     ),
     name: str | None = typer.Option(None, "--name", metavar="NAME", help="Name of the copy."),
     from_file: Path | None = typer.Option(
@@ -312,11 +335,15 @@ def experiment_duplicate(
 ) -> None:
     """Copy an experiment as your own (with a link to the original), optionally edited."""
     store = open_store()
-    edited = load_experiment(from_file) if from_file else store.get_experiment(ref)
+    original = store.get_experiment(ref)
+    edited = load_experiment(from_file) if from_file else original
     if name:
         edited.name = name
-    copy = duplicate_experiment(store, ref, edited)
+    copy = duplicate_experiment(store, original.id or ref, edited)
     out.print(f"Duplicated {copy.parent_id} as {copy.id} ('{copy.name}', owned by {copy.creator})")
+    warning = store.shared_name_notice(copy.name, copy.id)
+    if warning:
+        notice(warning)
 
 
 @experiment_app.command("note")
@@ -344,7 +371,9 @@ def experiment_favourite(
 @experiment_app.command("delete")
 @friendly
 def experiment_delete(
-    ref: str = typer.Argument(..., help="Experiment id or unique prefix."),
+    ref: str = typer.Argument(
+        ..., metavar="EXPERIMENT", help="Experiment id, unique id prefix or name."
+    ),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
     """Delete an experiment with all its conversations (creator only; refused while it holds
@@ -522,7 +551,9 @@ CACHE_OPTION = typer.Option(
 @friendly
 def run(
     experiment: str = typer.Argument(
-        ..., metavar="EXPERIMENT", help="An experiment YAML file or an experiment id."
+        ...,
+        metavar="EXPERIMENT",
+        help="An experiment YAML file, or an experiment's id, unique id prefix or name.",
     ),
     llm: list[str] | None = typer.Option(
         None,

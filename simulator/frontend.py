@@ -118,7 +118,16 @@ def open_store() -> Store:
 
     settings = load_settings()
     db = connect(settings)
-    return Store.open(db, current_user(db, settings))
+    store = Store.open(db, current_user(db, settings))
+    store.on_notice = notice  # e.g. which of several experiments a shared name stood for
+    return store
+
+
+def notice(text: str) -> None:
+    """Something the user should know that is not an error: one paragraph on stderr."""
+    from rich.markup import escape
+
+    err.print(f"[yellow]Note:[/] {escape(text)}", markup=True, highlight=False)
 
 
 class HelpCommand(typer.core.TyperCommand):

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from simulator.analysis import write_report
 from simulator.cli import app
 from simulator.conversation import Agent, Message, Transcript, Usage
+from simulator.errors import UserError
 from simulator.experiment import experiment_from_yaml
 from simulator.grid import make_grid
 from simulator.quality import Quality
@@ -462,9 +463,9 @@ def test_report_with_no_usable_conversation_says_so(db, tmp_path):
 def test_report_of_an_experiment_without_conversations(db, tmp_path):
     store = Store.open(db, "alice")
     exp = store.insert_experiment(experiment_from_yaml(STUDY, "study.yaml"))
-    write_report(store, exp.id or "", tmp_path / "r")
-    page = (tmp_path / "r" / "report.html").read_text()
-    assert "has no conversations" in page
+    with pytest.raises(UserError, match="has no conversations: nothing to report"):
+        write_report(store, exp.id or "", tmp_path / "r")  # outside review F6: not an empty page
+    assert not (tmp_path / "r").exists()
 
 
 def test_report_command_and_its_errors(db, settings, env_for, tmp_path):

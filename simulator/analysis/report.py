@@ -148,6 +148,15 @@ def write_report(
 
     data = load(source, experiment, where, extra_scorers)
     exp = data.experiment
+    if not data.records:  # an empty page would pass for a report of nothing happening
+        what = f"Batch {data.batch_id}" if data.batch_id else f"Experiment {exp.id} ('{exp.name}')"
+        filters = [f"{k}={v}" for k, v in where.items()] if isinstance(where, dict) else where
+        with_filters = f" with {', '.join(filters)}" if filters else ""
+        raise UserError(
+            f"{what} has no conversations{with_filters}: nothing to report, no report "
+            f"written. Run some with `simulator run {(exp.id or '')[:8]}`; see what it has with "
+            f"`simulator conversations {(data.batch_id or exp.id or '')[:8]}`."
+        )
     frame = conversations_frame(data)
     columns = resolve_by(data, frame, by)
     known = set(data.scorers) | {s.scorer for s in data.scores}

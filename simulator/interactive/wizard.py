@@ -74,6 +74,7 @@ def create_experiment(store: Store, q: Questions, experiments_dir: Path) -> Expe
     """Ask for a whole experiment, show its prompts, save it when confirmed."""
     q.say("New experiment (Ctrl-C or Esc at any question: back, nothing saved)", style="bold")
     name = q.text("Name of the experiment", validate=required("Give the experiment a name."))
+    warn_shared_name(store, q, name)
     starting = q.text(
         "Starting message (the researcher's first message)",
         EXAMPLE_STARTING_MESSAGE,
@@ -116,6 +117,7 @@ def duplicate_and_update(
     exp = copy.deepcopy(original)
     exp.favourite = False
     exp.name = q.text("Name of the copy", original.name, validate=required("Name the copy."))
+    warn_shared_name(store, q, exp.name)
     if "starting" in parts:
         exp.starting_message = q.text(
             "Starting message", exp.starting_message, validate=required("Write it.")
@@ -158,6 +160,13 @@ def duplicate_and_update(
 
 
 # --- steps -------------------------------------------------------------------------------
+
+
+def warn_shared_name(store: Store, q: Questions, name: str) -> None:
+    """Say which experiments already have this name (Esc goes back to choose another)."""
+    warning = store.shared_name_notice(name.strip())
+    if warning:
+        q.say(f"Note: {warning} (Esc: back, to start again with another name.)", style="yellow")
 
 
 def ask_factors(q: Questions, exp: Experiment) -> None:

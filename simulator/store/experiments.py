@@ -4,19 +4,55 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from simulator.errors import NotFoundError, PermissionDenied
 from simulator.experiment import Experiment, experiment_from_dict
 from simulator.store.batches import Batches
 from simulator.store.conversations import Conversations
-from simulator.store.documents import _batch_size, _definition, favourited_by, new_id, now, plural
+from simulator.store.documents import _batch_size, _definition, favourited_by, new_id, plural
 from simulator.store.records import Deleted, DeletePlan, ExperimentRow
+
+_NAMED_LIMIT = 50  # experiments of one name looked at (the notices list a few)
+_LIST_EXPERIMENTS = "List them with `simulator experiment list`."
+
+
+@dataclass(frozen=True)
+class ExperimentName:
+    """One of the experiments a name names: what tells them apart."""
+
+    id: str
+    name: str
+    creator: str | None
+    created_at: datetime | None
+
+
+@dataclass
+class _Match:
+    """The experiment a reference resolved to."""
+
+    doc: dict
+    by_name: bool = False
+    others: int = 0  # more experiments of that name
+    notice: str | None = None  # to tell the user: which of several was taken
+
+
+@dataclass
+class _Miss:
+    """A reference that names no experiment, or several (`ambiguous`)."""
+
+    message: str
+    ambiguous: bool = False
 
 
 class Experiments(Batches, Conversations):
     """Experiments, and the legacy import's bookkeeping."""
+
+    # Told the notices of references (which of several experiments a shared name stood
+    # for); the command line prints them on stderr. None: nobody is told.
+    on_notice: Callable[[str], None] | None = None
 
     def insert_experiment(self, exp: Experiment, *, parent_id: str | None = None) -> Experiment:
         doc = {
@@ -25,7 +61,9 @@ class Experiments(Batches, Conversations):
             "note": exp.note,
             "favourited_by": [self.user] if exp.favourite else [],
             "creator": self.user,
-            "created_at": now(),
+            # to the millisecond (what MongoDB keeps): "newest" of one name must be decided
+            # between experiments made in the same second, as `run FILE --new` does
+            "created_at": _now_ms(),
             "parent_id": parent_id,
             "definition": _definition(exp),
         }
@@ -33,53 +71,179 @@ class Experiments(Batches, Conversations):
         return self._experiment(doc)
 
     def get_experiment(self, ref: str) -> Experiment:
-        return self._experiment(self._resolve(self._experiments, ref, "experiment"))
+        """The experiment `ref` names: its id, a unique id prefix, or its name (see
+        `_experiment_doc` for the rules every command shares)."""
+        return self._experiment(self._experiment_doc(ref))
+
+    def experiments_named(self, name: str) -> list[ExperimentName]:
+        """The experiments called exactly `name` (anyone's): the one the name stands for
+        first (the current user's newest, else the newest), then the current user's, newest
+        first, then everyone else's."""
+        docs = list(
+            self._experiments.find(
+                {"name": name}, {"name": 1, "creator": 1, "created_at": 1}
+            ).limit(_NAMED_LIMIT)
+        )
+        docs.sort(key=lambda d: (d.get("creator") == self.user, _when(d), d["_id"]), reverse=True)
+        return [
+            ExperimentName(d["_id"], str(d.get("name")), d.get("creator"), d.get("created_at"))
+            for d in docs
+        ]
+
+    def shared_name_notice(self, name: str, exp_id: str | None = None) -> str | None:
+        """What to tell the user who stored experiment `exp_id` (None: is about to store one)
+        called `name` when that name also names other experiments (anyone's): which ones,
+        and which one the name stands for."""
+        named = self.experiments_named(name)
+        others = [n for n in named if n.id != exp_id]
+        if not others:
+            return None
+        if exp_id is None:
+            return (
+                f"'{name}' already names {_listing(others, self.user)}. Saved under this "
+                f"name, the new one is what commands given '{name}' use (yours, newest), "
+                "and they say so; the others are then reached by id."
+            )
+        chosen = named[0]
+        means = "now means this one" if chosen.id == exp_id else "still means"
+        return (
+            f"'{name}' also names {_listing(others, self.user)}. Commands given the name "
+            f"{means}, {_short(chosen.id)} ({_whose(chosen, self.user, named)}), and say so; "
+            "give an id to choose another."
+        )
+
+    def _experiment_doc(self, ref: str, *, action: str | None = None) -> dict:
+        """The stored experiment `ref` names, by the rules every command shares:
+
+        - a whole id is that experiment;
+        - a name is the experiment of that name; a name several experiments share stands for
+          the current user's newest of them (else the newest), and a notice says which one was
+          taken and lists the others (once per name and Store, through `on_notice`);
+        - otherwise a unique id prefix;
+        - a name that also starts the id of another experiment (a hexadecimal name such as
+          `cafe`) is refused, listing both: neither reading silently wins.
+
+        `action` ("delete"): an irreversible change, refused for a name several experiments
+        share (the id is asked for instead).
+        """
+        match = self._match_experiment(ref)
+        if isinstance(match, _Miss):
+            raise NotFoundError(f"{match.message} {_LIST_EXPERIMENTS}")
+        if match.others and action:
+            raise NotFoundError(
+                f"'{ref.strip()}' names {match.others + 1} experiments: "
+                f"{_listing(self.experiments_named(ref.strip()), self.user, word=False)}. "
+                f"Give the id of the one to {action}."
+            )
+        return self._told(match)
+
+    def _told(self, match: _Match) -> dict:
+        """The matched document, after telling its notice (once per Store)."""
+        if match.notice:
+            given: set[str] = self.__dict__.setdefault("_notices_given", set())
+            if match.notice not in given:
+                given.add(match.notice)
+                if self.on_notice is not None:
+                    self.on_notice(match.notice)
+        return match.doc
+
+    def _match_experiment(self, ref: str) -> _Match | _Miss:
+        ref = ref.strip()
+        if not ref:
+            return _Miss("No experiment given: give its id, a unique id prefix or its name.")
+        hexadecimal = bool(re.fullmatch(r"[0-9a-fA-F]{1,24}", ref))
+        by_id: list[dict] = []
+        if hexadecimal:
+            # A range rather than a regex: it walks the _id index from the prefix on. Ids are
+            # lowercase hexadecimal, and "g" sorts after every hex digit.
+            prefix = ref.lower()
+            by_id = list(
+                self._experiments.find({"_id": {"$gte": prefix, "$lt": prefix + "g"}})
+                .sort("_id", 1)
+                .limit(3)
+            )
+            whole = next((d for d in by_id if d["_id"] == prefix), None)
+            if whole is not None:
+                return _Match(whole)
+        named = self.experiments_named(ref)
+        if named and any(d["_id"] != named[0].id for d in by_id):
+            ids = ", ".join(
+                f"{d['_id']} ('{d.get('name')}', {_who(d.get('creator'), self.user)})"
+                for d in by_id[:2]
+            )
+            return _Miss(
+                # "more than one": what export.select looks for to pass a message on
+                f"'{ref}' could mean more than one experiment: it is the name of "
+                f"{_listing(named, self.user)} and "
+                f"starts the id of {ids}{', ...' if len(by_id) > 2 else ''}. Give the whole id "
+                "of the experiment you mean.",
+                ambiguous=True,
+            )
+        if named:
+            chosen, others = named[0], named[1:]
+            doc = self._experiments.find_one({"_id": chosen.id})
+            if doc is None:  # deleted meanwhile: look again
+                return self._match_experiment(ref)
+            notice = None
+            if others:
+                notice = (
+                    f"'{ref}' names {len(named)} experiments; using {_short(chosen.id)} "
+                    f"({_whose(chosen, self.user, named)}); the others: "
+                    f"{_listing(others, self.user, word=False)} — give an id to choose."
+                )
+            return _Match(doc, by_name=True, others=len(others), notice=notice)
+        if len(by_id) == 1:
+            return _Match(by_id[0])
+        if by_id:
+            ids = ", ".join(d["_id"] for d in by_id[:2])
+            return _Miss(
+                f"'{ref}' matches more than one experiment ({ids}"
+                f"{', ...' if len(by_id) > 2 else ''}): type more characters of the id.",
+                ambiguous=True,
+            )
+        similar = self._experiments.find_one(
+            {"name": {"$regex": f"^{re.escape(ref)}$", "$options": "i"}}, {"name": 1}
+        )
+        hint = f" (names are case-sensitive: did you mean '{similar['name']}'?)" if similar else ""
+        if hexadecimal:
+            return _Miss(f"No experiment is named '{ref}'{hint} or has an id starting with it.")
+        return _Miss(
+            f"No experiment is named '{ref}'{hint}, and it is not an id: ids are hexadecimal, "
+            "e.g. 3f2a9c01b7de."
+        )
 
     def find_experiment_or_batch(self, ref: str) -> tuple[str, Experiment, str | None]:
-        """What `ref` names: an experiment (id prefix or name) or a batch (id prefix).
+        """What `ref` names: an experiment (as `get_experiment`) or a batch (id or prefix).
 
-        Returns (kind, experiment, batch id or None). A name several experiments share
-        prefers the current user's newest; an id prefix and a name both matching is refused.
+        Returns (kind, experiment, batch id or None). An experiment and a batch both
+        matching is refused.
         """
         ref = ref.strip()
-        found: list[tuple[str, Experiment, str | None]] = []
-        problems: list[NotFoundError] = []
-        for what in ("experiment", "batch"):
-            try:
-                if what == "experiment":
-                    found.append((what, self.get_experiment(ref), None))
-                else:
-                    b = self.get_batch(ref)
-                    found.append((what, self.get_experiment(b.experiment_id), b.id))
-            except NotFoundError as e:
-                problems.append(e)
-        named = list(
-            self._experiments.find({"name": ref}, {"creator": 1, "created_at": 1}).limit(50)
-        )
-        if named:
-            named.sort(key=lambda d: (d.get("creator") == self.user, d["created_at"]), reverse=True)
-            found.append(("name", self.get_experiment(named[0]["_id"]), None))
-        kinds_found = [k for k, _, _ in found]
-        if kinds_found == ["experiment", "name"] and found[0][1].id == found[1][1].id:
-            found.pop()  # its id starts with its own name
-        if len(found) > 1:
-            meanings = {
-                "experiment": lambda e, b: f"experiment {e.id}",
-                "batch": lambda e, b: f"batch {b}",
-                "name": lambda e, b: f"experiment {e.id} (named '{ref}')",
-            }
-            kinds = " or ".join(meanings[k](e, b) for k, e, b in found)
-            raise NotFoundError(
-                f"'{ref}' could mean {kinds}: give more characters of the id you mean."
-            )
-        if found:
-            return found[0]
-        for problem in problems:
-            if "more than one" in str(problem):
-                raise problem
+        match = self._match_experiment(ref)
+        batch = None
+        batch_problem: NotFoundError | None = None
+        try:
+            batch = self.get_batch(ref)
+        except NotFoundError as e:
+            batch_problem = e
+        if isinstance(match, _Match):
+            if batch is not None:
+                named = f" (named '{ref}')" if match.by_name else ""
+                raise NotFoundError(
+                    f"'{ref}' could mean experiment {match.doc['_id']}{named} or batch "
+                    f"{batch.id}: give more characters of the id you mean."
+                )
+            return "experiment", self._experiment(self._told(match)), None
+        if batch is not None:
+            return "batch", self.get_experiment(batch.experiment_id), batch.id
+        if match.ambiguous:
+            raise NotFoundError(match.message)
+        if batch_problem is not None and "more than one" in str(batch_problem):
+            raise batch_problem
+        either = " No batch has an id starting with it either." if batch_problem else ""
         raise NotFoundError(
-            f"No experiment (by id or name) or batch (by id) matches '{ref}'. List them with "
-            "`simulator experiment list` and `simulator status --all`."
+            f"{match.message}{either} List them with `simulator experiment list` and "
+            "`simulator status --all`."
         )
 
     def find_identical(self, exp: Experiment) -> Experiment | None:
@@ -115,12 +279,12 @@ class Experiments(Batches, Conversations):
 
     def set_favourite(self, ref: str, favourite: bool) -> Experiment:
         """Star (or unstar) an experiment for the current user; anyone's experiment."""
-        doc = self._resolve(self._experiments, ref, "experiment")
+        doc = self._experiment_doc(ref)
         self._star(self._experiments, doc, favourite)
         return self._experiment(self._experiments.find_one({"_id": doc["_id"]}) or doc)
 
     def _update_experiment(self, ref: str, changes: dict, action: str) -> Experiment:
-        doc = self._resolve(self._experiments, ref, "experiment")
+        doc = self._experiment_doc(ref)
         self._check_owner(doc, "experiment", action)
         self._experiments.update_one({"_id": doc["_id"]}, {"$set": changes})
         return self._experiment({**doc, **changes})
@@ -131,7 +295,7 @@ class Experiments(Batches, Conversations):
         Refused (PermissionDenied) unless the user created the experiment and every batch and
         conversation in it: deleting never removes what someone else created.
         """
-        doc = self._resolve(self._experiments, ref, "experiment")
+        doc = self._experiment_doc(ref, action="delete")
         self._check_owner(doc, "experiment", "delete")
         others: dict[str, int] = {}
         batches = list(
@@ -260,3 +424,41 @@ class Experiments(Batches, Conversations):
         if note:
             changes["note"] = note
         self._db[kind].update_one({"_id": our_id}, {"$set": changes})
+
+
+def _now_ms() -> datetime:
+    t = datetime.now(timezone.utc)
+    return t.replace(microsecond=t.microsecond // 1000 * 1000)
+
+
+def _when(doc: dict) -> float:
+    created = doc.get("created_at")
+    return created.timestamp() if isinstance(created, datetime) else 0.0
+
+
+def _short(experiment_id: str) -> str:
+    return experiment_id[:8]
+
+
+def _who(creator: str | None, user: str) -> str:
+    return "yours" if creator == user else str(creator)
+
+
+def _whose(chosen: ExperimentName, user: str, named: list[ExperimentName]) -> str:
+    """Why a name stands for `chosen`: `yours, newest`, `yours`, `bob's, newest`."""
+    if chosen.creator == user:
+        mine = sum(n.creator == user for n in named)
+        return "yours, newest" if mine > 1 else "yours"
+    return f"{chosen.creator}'s, newest" if len(named) > 1 else f"{chosen.creator}'s"
+
+
+def _listing(items: list[ExperimentName], user: str, *, word: bool = True) -> str:
+    """`experiments 64976f50 (rev, 2026-11-30 14:02), f6bbe152 (yours, ...)`: a few of them."""
+    shown = [
+        f"{_short(n.id)} ({_who(n.creator, user)}"
+        + (f", {n.created_at:%Y-%m-%d %H:%M})" if n.created_at else ")")
+        for n in items[:5]
+    ]
+    more = f" and {len(items) - 5} more" if len(items) > 5 else ""
+    head = ("experiment " if len(items) == 1 else "experiments ") if word else ""
+    return head + ", ".join(shown) + more
