@@ -310,10 +310,16 @@ def experiment_export(
     out_file: Path | None = typer.Option(
         None, "--out", "-o", metavar="FILE", help="Write to this file."
     ),
+    force: bool = typer.Option(False, "--force", help="Replace the --out file if it exists."),
 ) -> None:
     """Write an experiment's definition as YAML (to stdout, or a file with --out)."""
     from simulator.experiment import dump_experiment
 
+    if out_file is not None and out_file.exists() and not force:
+        raise UserError(
+            f"{out_file} exists (perhaps your edited copy); nothing written. Give another "
+            "--out, or add --force to replace it."
+        )
     exp = open_store().get_experiment(ref)
     if out_file is None:
         sys.stdout.write(dump_experiment(exp))

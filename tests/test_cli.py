@@ -143,6 +143,13 @@ def test_export_round_trips(cli, db, tmp_path):
     from simulator.experiment import load_experiment
 
     assert load_experiment(out) == load_experiment(PRISON)
+    # an existing file (an edited copy, say) is kept unless --force
+    out.write_text("# my edits\n")
+    refused = cli("experiment", "export", exp.id[:5], "--out", str(out), ok=False)
+    assert refused.exit_code == 1 and "--force" in refused.output
+    assert out.read_text() == "# my edits\n"
+    cli("experiment", "export", exp.id[:5], "--out", str(out), "--force")
+    assert load_experiment(out) == load_experiment(PRISON)
 
 
 def _messages(store: Store, exp_id: str) -> list[tuple]:
