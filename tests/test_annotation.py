@@ -159,6 +159,32 @@ def test_exporting_over_an_existing_sheet_is_refused_unless_forced(
     assert out.read_bytes() != filled and db["annotation_sheets"].count_documents({}) == sheets + 1
 
 
+def test_answers_for_deleted_conversations_are_not_stored(db, stored, tmp_path):
+    """A sheet's conversation deleted since the export: its row is named, nothing stored (8
+    orphan scores were stored); the experiment deleted: its sheets go with it."""
+    store, exp = stored
+    out = tmp_path / "eve.csv"
+    export_sheet(store, exp.id, "goal_achieved", "eve", out, scorers_file=SCORERS)
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    for row in rows:
+        row["goal_achieved"] = "Yes"
+    with out.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    store.delete_conversation(rows[2]["conversation_id"])
+    with pytest.raises(SheetRejected) as info:
+        import_sheet(store, out, "eve")
+    assert "row 4" in str(info.value) and "was deleted since the export" in str(info.value)
+    assert "nothing imported; 1 row(s)" in str(info.value)
+    assert db["scores"].count_documents({}) == 0
+    store.delete_experiment(exp.id)
+    assert db["annotation_sheets"].count_documents({"experiment_id": exp.id}) == 0
+    with pytest.raises(SheetRejected, match="belong to no sheet"):
+        import_sheet(store, out, "eve")
+    assert db["scores"].count_documents({}) == 0
+
+
 def test_blind_sample_hides_conditions_and_turns_are_checked(
     db, stored, tmp_path, settings, env_for
 ):

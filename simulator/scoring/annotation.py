@@ -322,6 +322,7 @@ def import_sheet(store: Store, path: Path, annotator: str) -> ImportedSheet:
             f"{path}: no answer column {scorer.name!r}; nothing imported. Write the answers "
             "in the column the sheet was exported with."
         )
+    stored = store.existing_conversations(v[0] for v in sheet.items.values())
     for (n, cells), item_id in zip(rows, ids, strict=True):
         where = f"row {n}" + (f" (item {item_id})" if item_id else "")
         if not item_id:
@@ -335,6 +336,9 @@ def import_sheet(store: Store, path: Path, annotator: str) -> ImportedSheet:
             continue
         seen[item_id] = n
         conv_id, key, turns, batch_id, role = sheet.items[item_id]
+        if conv_id not in stored:
+            problems.append(f"{where}: its conversation {conv_id} was deleted since the export")
+            continue
         answer = _answer(scorer, cells.get(scorer.name), turns)
         if answer is None:
             blank += 1

@@ -382,6 +382,8 @@ class Experiments(Batches, Conversations):
             # Someone else started a batch on it while it was being deleted: theirs stays.
             self.delete_plan(exp_id or ref)  # names them
         deleted.experiments = self._experiments.delete_one({"_id": exp_id}).deleted_count
+        # its annotation sheets: an answer imported later would have no conversation to join
+        self._annotation_sheets.delete_many({"experiment_id": exp_id})
         return deleted
 
     def _experiment(self, doc: dict) -> Experiment:

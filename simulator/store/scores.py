@@ -129,6 +129,12 @@ class Scores(StoreBase):
         doc = self._annotation_sheets.find_one({"_id": sheet_id})
         return _sheet(doc) if doc else None
 
+    def existing_conversations(self, conv_ids: Iterable[str]) -> set[str]:
+        """Those of these conversations still stored (one query)."""
+        wanted = sorted(set(conv_ids))
+        found = self._conversations.find({"_id": {"$in": wanted}}, {"_id": 1})
+        return {d["_id"] for d in found}
+
     # --- analysis (issue 12): bulk reads for the dataframes and the report -------------------
     # A fixed number of queries whatever the number of conversations: messages are read per
     # batch (or 50 ids at a time for a few loose ones), scores per experiment.
