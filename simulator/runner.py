@@ -818,11 +818,17 @@ class _BatchRun:
         status, reason = self.final_status(counts)
         note = None
         if others:  # the last worker to leave sets the batch's status
-            note = (
-                f"This worker stopped; {display_plural(others, 'other worker')} still "
-                f"{'works' if others == 1 else 'work'} on batch {batch.id} "
-                f"(`simulator watch {batch.id}`)."
-            )
+            still = f"{display_plural(others, 'other worker')} {'is' if others == 1 else 'are'}"
+            if status in (BatchStatus.COMPLETED, BatchStatus.COMPLETED_WITH_FAILURES):
+                note = (
+                    f"Every conversation of batch {batch.id} has ended; {still} still leaving, "
+                    f"and the last to leave marks it {status.value.replace('_', ' ')}."
+                )
+            else:
+                note = (
+                    f"This worker stopped; {still} still working on batch {batch.id} "
+                    f"(`simulator watch {batch.id}`)."
+                )
             ended = status == BatchStatus.INTERRUPTED or reason
             shown = status if ended else BatchStatus.RUNNING
         else:
