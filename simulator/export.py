@@ -43,7 +43,7 @@ from simulator.conversation import (
     day_opening,
 )
 from simulator.errors import NotFoundError, UserError
-from simulator.experiment import Experiment, apply_levels
+from simulator.experiment import Experiment, ModelSpec, apply_levels
 from simulator.export_kinds import FORMATS, KINDS
 from simulator.quality import MESSAGE_FLAGS
 from simulator.scoring.views import (
@@ -234,6 +234,15 @@ def columns(exp: Experiment) -> list[str]:
     ]  # fmt: skip
 
 
+def llm_condition(exp: Experiment, llm: ModelSpec) -> str:
+    """The `llm` condition: its label, with its sampling when the experiment lists the same
+    model more than once (two temperatures of one model are two conditions, not one)."""
+    if sum(1 for other in exp.llms if other.label == llm.label) < 2:
+        return llm.label
+    sampling = ", ".join(f"{k}={v}" for k, v in llm.sampling().items())
+    return f"{llm.label} ({sampling})" if sampling else llm.label
+
+
 def conditions(exp: Experiment, rec: ConversationRecord) -> dict[str, Any]:
     """The condition columns of one conversation."""
     spec = rec.spec
@@ -244,7 +253,7 @@ def conditions(exp: Experiment, rec: ConversationRecord) -> dict[str, Any]:
         "conversation_id": rec.id,
         "conversation_index": rec.index,
         "creator": rec.creator,
-        "llm": spec.llm.label,
+        "llm": llm_condition(exp, spec.llm),
         "provider": spec.llm.provider,
         "model": spec.llm.model,
     }

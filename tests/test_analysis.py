@@ -239,3 +239,24 @@ def test_report_module_is_registered_with_help():
     assert result.exit_code == 0
     assert "--by FACTOR_OR_CONDITION" in result.output and "--usable-only" in result.output
     assert Path(__file__).parent.joinpath("test_report.py").is_file()
+
+
+def test_one_model_at_two_temperatures_is_two_llm_conditions(db):
+    """Two entries of one model with different sampling were one `llm` everywhere: the
+    report merged them and compared nothing. Their `llm` says the sampling."""
+    two = FACTORIAL.replace(
+        "  - {model: scripted, provider: scripted, temperature: 0.5}\n",
+        "  - {model: scripted, provider: scripted, temperature: 0.5}\n"
+        "  - {model: scripted, provider: scripted, temperature: 0.9}\n",
+    )
+    store = Store.open(db, "alice")
+    exp = store.insert_experiment(experiment_from_yaml(two, "two.yaml"))
+    grid = make_grid(exp, llms=None, messages=2, days=1, agents={"guard": 1, "prisoner": 1},
+                     speakers=["round_robin"], factors=["risks=yes", "goal=yard"])  # fmt: skip
+    assert len(grid.llms) == 2
+    start_batch(store, exp, grid, RunOptions())
+    df = conversations_df(store, exp.id or "")
+    assert sorted(df["llm"]) == [
+        "scripted/scripted (temperature=0.5)",
+        "scripted/scripted (temperature=0.9)",
+    ]
