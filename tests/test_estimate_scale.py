@@ -33,7 +33,7 @@ from simulator.conversation import (
     build_agents,
     messages_per_day,
 )
-from simulator.estimate import Estimate, agent_name_length, estimate
+from simulator.estimate import Estimate, estimate
 from simulator.experiment import Experiment, ModelSpec, load_experiment
 from simulator.grid import INT64_MAX, Grid, make_grid
 from simulator.llm.scripted import ScriptedModel
@@ -146,6 +146,7 @@ def test_random_speakers_are_counted_by_their_expected_values() -> None:
 
 def test_agent_names_have_the_length_the_estimate_counts() -> None:
     from simulator.conversation import agent_names
+    from simulator.estimate import agent_name_length
 
     for count in (1, 500, 501, 4999, 5000, 10_000):
         names = agent_names(["guard"], {"guard": count}, seed=3)
