@@ -146,7 +146,7 @@ def test_random_speakers_are_counted_by_their_expected_values() -> None:
 
 def test_agent_names_have_the_length_the_estimate_counts() -> None:
     from simulator.conversation import agent_names
-    from simulator.estimate import agent_name_length
+    from simulator.prompt_sums import agent_name_length
 
     for count in (1, 500, 501, 4999, 5000, 10_000):
         names = agent_names(["guard"], {"guard": count}, seed=3)
