@@ -20,6 +20,7 @@ a message whose length varies with the turn is rounded up by 3/8 of a token, the
 of rounding up each message. Re-asks after empty or invalid replies and retries come on
 top. Grids of more than MAX_CONDITIONS conditions per LLM are sampled.
 """
+
 from __future__ import annotations
 
 import itertools
