@@ -653,7 +653,12 @@ def run(
 
         history = store.reply_lengths(exp.id) if store is not None and exp.id else None
         prices = parse_prices(load_settings().prices)
-        for line in estimate(exp, grid, history, prices=prices).lines():
+        try:
+            lines = estimate(exp, grid, history, prices=prices).lines()
+        except KeyboardInterrupt:
+            err.print("Interrupted.", highlight=False)
+            raise typer.Exit(130) from None
+        for line in lines:
             out.print(line, markup=False, highlight=False)
         return
     assert store is not None

@@ -1,42 +1,54 @@
 """What a batch will use before it runs (`run --dry-run`, issue 13): LLM calls, prompt and
 completion tokens per LLM and, with prices set (simulator/pricing.py), the cost.
 
-Each condition of the grid (one per repetition group) is played through the real
-Conversation with a stand-in model that answers with replies of the expected length, so the
-prompts are the composed ones — system prompts, day openings with summaries, speaker
-selection requests — and grow as the day goes on, exactly as in the batch. A reply's
-expected length is, per LLM and per kind of call (agent, summarizer, selector):
+The prompts are those a conversation sends (simulator/conversation.py): system prompts, day
+openings that carry every earlier day's summary, the day so far, summary and
+speaker-selection requests, all growing as the day goes on. They are counted in closed form
+(simulator/prompt_sums.py), so a dry run takes as long for 10 messages as for 10**15: each
+text a condition shares is composed once and measured, and the series over turns and days
+is summed arithmetically, with every reply of its expected length. Who speaks when: round
+robin (and manual, and two agents alternating) exactly; `auto` as a stand-in selector that
+names the first listed agent other than the last speaker; `random` by its expected values
+(each agent equally often, never twice in a row). A reply's expected length is, per LLM and
+per kind of call (agent, summarizer, selector):
   1. the average of earlier conversations of the same experiment with that LLM, if any;
   2. else its `max_tokens` (an upper bound: most replies stop earlier);
   3. else what the scripted model answers on average (scripted LLMs), or DEFAULT_REPLY_TOKENS.
 Tokens are counted as the scripted model counts them (words) for scripted LLMs, and as
-characters / 4 plus 4 per message (the usual rule of thumb for BPE tokenizers) otherwise.
-Re-asks after empty or invalid replies and retries come on top.
+characters / 4 plus 4 per message (the usual rule of thumb for BPE tokenizers) otherwise;
+a message whose length varies with the turn is rounded up by 3/8 of a token, the average
+of rounding up each message. Re-asks after empty or invalid replies and retries come on
+top. Grids of more than MAX_CONDITIONS conditions per LLM are sampled.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
 import math
 import random
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from simulator import prompts
-from simulator.conversation import SELECTOR_SYSTEM, Conversation, ConversationSpec, Models
 from simulator.experiment import Experiment, ModelSpec
 from simulator.grid import Grid
-from simulator.llm.base import ChatMessage, Reply
 from simulator.pricing import FORMAT, Price, price_for
+from simulator.prompt_sums import (
+    CHARS_PER_TOKEN,
+    Agents,
+    ConditionCounter,
+    ConditionTexts,
+    Measure,
+    Number,
+    compose_condition,
+    random_order,
+    speaking_order,
+)
 
 DEFAULT_REPLY_TOKENS = 200  # a reply's tokens when nothing better is known
-CHARS_PER_TOKEN = 4
-MESSAGE_OVERHEAD = 4  # tokens a chat template adds per message (role markers)
-MAX_CONDITIONS = 400  # conditions played through per LLM; larger grids are sampled
+MAX_CONDITIONS = 400  # conditions counted per LLM; larger grids are sampled
 KINDS = ("agents", "summarizer", "selector")
-_NAME = re.compile(r"\b[A-Z][A-Za-z0-9]*_\d{3,}\b")
-_SPEAKER = re.compile(r"^([A-Z][A-Za-z0-9]*_\d{3,}):", re.M)
 
 
 @dataclass
@@ -131,46 +143,55 @@ def reply_tokens(spec: ModelSpec, kind: str, history: ReplyLengths | None) -> fl
 
 class _Tally:
     def __init__(self) -> None:
-        self.by_label: dict[str, LLMEstimate] = {}
+        self.by_label: dict[str, list[Number]] = {}  # label -> [calls, prompt, completion]
 
-    def add(self, label: str, prompt: int, completion: int, weight: float) -> None:
-        e = self.by_label.setdefault(label, LLMEstimate(label))
-        e.calls += round(weight)
-        e.prompt_tokens += round(prompt * weight)
-        e.completion_tokens += round(completion * weight)
+    def add(self, label: str, calls: Number, prompt: Number, completion: Number) -> None:
+        totals: list[Number] = self.by_label.setdefault(label, [0, 0, 0])
+        for i, value in enumerate((calls, prompt, completion)):
+            totals[i] += value
 
 
-class _StandIn:
-    """A ChatModel answering with replies of the expected length, counting what it is sent."""
+Condition = tuple[dict[str, str], int, dict[str, int], str]  # levels, days, agents, speaker
 
-    endpoint = "estimate"
 
-    def __init__(self, spec: ModelSpec, kind: str, length: float, tally: _Tally):
-        self.spec, self.kind, self.tally = spec, kind, tally
-        self.name = spec.model
-        self.count = count_tokens(spec)
-        self.overhead = 0 if spec.provider == "scripted" else MESSAGE_OVERHEAD
-        self.length = max(1, round(length))
-        self.weight = 1.0
+def _conditions(grid: Grid) -> tuple[list[Condition], int]:
+    """The conditions counted per LLM (all, or MAX_CONDITIONS drawn at random) and how many
+    the grid has per LLM. Drawn by index, so a grid of any size is never listed."""
+    names = list(grid.factors)
+    n_levels, n_combos = grid.level_count(), grid.combination_count()
+    n_days = grid.days if grid.every_day else 1
+    speakers = ["round_robin" if s == "manual" else s for s in grid.speakers]
+    per_llm = n_levels * n_days * n_combos * len(speakers)
+    if per_llm <= MAX_CONDITIONS:
+        product = itertools.product(
+            grid.level_combinations(), grid.day_counts(), grid.agent_combinations(), speakers
+        )
+        return list(product), per_llm
+    roles = list(grid.agents)
 
-    def chat(self, messages: list[ChatMessage], *, stop: list[str] | None = None) -> Reply:
-        prompt = sum(self.count(m["content"]) + self.overhead for m in messages)
-        if messages and messages[0]["content"] == SELECTOR_SYSTEM:
-            text = _selection(messages[-1]["content"])
+    def nth(sizes: list[int], index: int) -> list[int]:  # itertools.product's order
+        out = []
+        for size in reversed(sizes):
+            index, i = divmod(index, size)
+            out.append(i)
+        return out[::-1]
+
+    rng = random.Random(grid.seed)
+    drawn = []
+    for _ in range(MAX_CONDITIONS):
+        # the same draws as rng.choice over the listed dimensions would make
+        at = nth([len(grid.factors[n]) for n in names], rng.randrange(n_levels))
+        levels = {n: grid.factors[n][i] for n, i in zip(names, at)}
+        day = 1 + rng.randrange(n_days)  # a list of one value still draws, as rng.choice
+        days = day if grid.every_day else grid.days
+        if grid.every_combination:
+            at = nth([grid.agents[r] for r in roles], rng.randrange(n_combos))
+            agents = {r: 1 + i for r, i in zip(roles, at)}
         else:
-            # "tok " is one word and four characters: `length` tokens by either count.
-            text = " ".join(["tok"] * self.length)
-        completion = self.count(text)
-        self.tally.add(self.spec.label, prompt, completion, self.weight)
-        return Reply(text=text, prompt_tokens=prompt, completion_tokens=completion)
-
-
-def _selection(request: str) -> str:
-    """A valid answer to a speaker-selection request: a listed agent other than the last."""
-    spoken = _SPEAKER.findall(request)
-    last = spoken[-1] if spoken else None
-    names = [n for n in dict.fromkeys(_NAME.findall(request)) if n != last]
-    return names[0] if names else "nobody"
+            agents = dict(grid.agents)
+            rng.randrange(1)
+        drawn.append((levels, days, agents, speakers[rng.randrange(len(speakers))]))
+    return drawn, per_llm
 
 
 def estimate(
@@ -187,11 +208,14 @@ def estimate(
     templates = templates or prompts.shipped_templates()
     tally = _Tally()
     basis = []
-    levels = list(grid.level_combinations())
-    days = grid.day_counts()
-    combos = grid.agent_combinations()
-    speakers = ["round_robin" if s == "manual" else s for s in grid.speakers]
-    per_llm = len(levels) * len(days) * len(combos) * len(speakers)
+    conditions, per_llm = _conditions(grid)
+    # every condition stands for its repetitions, or a share of the conditions not drawn
+    weight: Number = Fraction(grid.repetitions * per_llm, len(conditions))
+    if weight.denominator == 1:
+        weight = grid.repetitions * per_llm // len(conditions)
+    # by factor levels and agent counts: days and the speaker method change no text
+    composed: dict[tuple[object, ...], ConditionTexts] = {}
+    counters: dict[tuple[object, ...], ConditionCounter] = {}
     for llm in grid.llms:
         roles = {
             "agents": llm,
@@ -200,45 +224,54 @@ def estimate(
         }
         known = history.get(llm.label)
         lengths = {k: reply_tokens(spec, k, known) for k, spec in roles.items()}
-        models = {k: _StandIn(spec, k, lengths[k], tally) for k, spec in roles.items()}
         if known is not None and known.per_call:
             basis.append(f"{llm.label}: {known.conversations:,} earlier conversations")
         else:
             source = "max_tokens" if llm.max_tokens else "a typical reply"
             basis.append(f"{llm.label}: {source} ({lengths['agents']:.0f} tokens)")
-        if per_llm <= MAX_CONDITIONS:
-            conditions = [
-                (lv, d, a, s) for lv in levels for d in days for a in combos for s in speakers
-            ]
-        else:
-            rng = random.Random(grid.seed)
-            conditions = [
-                (rng.choice(levels), rng.choice(days), rng.choice(combos), rng.choice(speakers))
-                for _ in range(MAX_CONDITIONS)
-            ]
-        weight = grid.repetitions * per_llm / len(conditions)
-        for m in models.values():
-            m.weight = weight
-        for level, d, agents, speaker in conditions:
-            spec = ConversationSpec(llm, grid.messages, d, agents, speaker, grid.seed, 0, level)
-            Conversation(
-                exp,
-                spec,
-                Models(
-                    agent=models["agents"],
-                    summarizer=models["summarizer"],
-                    selector=models["selector"],
-                ),
-                templates=templates,
-            ).run()
+        measures = {k: Measure.of(spec) for k, spec in roles.items()}
+        replies = {k: max(1, round(v)) for k, v in lengths.items()}
+        for levels, days, counts, speaker in conditions:
+            key = (tuple(levels.items()), tuple(counts.items()))
+            if key not in composed:
+                composed[key] = compose_condition(exp, levels, counts)
+            cond = composed[key]
+            if (key, llm.label) not in counters:
+                counters[key, llm.label] = ConditionCounter(cond, measures, replies, templates)
+            counter = counters[key, llm.label]
+            agents = cond.agents
+            if agents.count <= 2 or speaker == "round_robin":
+                period: Agents | None = agents
+            elif speaker == "auto":
+                period = agents.first(2)  # the stand-in selector alternates the first two
+            else:
+                period = None
+            asks = speaker == "auto" and agents.count > 2
+            base, extra = divmod(grid.messages, days)
+            for lo, hi, n in ((1, extra, base + 1), (extra + 1, days, base)):
+                if hi < lo:
+                    continue
+                if period is None:
+                    day = random_order(agents, n)
+                else:
+                    day = speaking_order(agents, n, period)
+                n_days = hi - lo + 1
+                kinds = [("selector", n_days * n)] if asks else []
+                kinds += [("agents", n_days * n), ("summarizer", n_days)]
+                for kind, count in kinds:
+                    prompt, completion = getattr(counter, kind)(day, lo, hi)
+                    tally.add(
+                        roles[kind].label, weight * count, weight * prompt, weight * completion
+                    )
     out = []
-    for e in tally.by_label.values():
-        called = _spec_of(e.label, grid, exp)
+    for label, (calls, prompt, completion) in tally.by_label.items():
+        e = LLMEstimate(label, round(calls), round(prompt), round(completion))
+        called = _spec_of(label, grid, exp)
         price = None
         if called is not None:  # the scripted model runs here, for free
             price = Price(0, 0) if called.provider == "scripted" else price_for(called, prices)
-        cost = price.cost(e.prompt_tokens, e.completion_tokens) if price is not None else None
-        out.append(dataclasses.replace(e, cost=cost))
+        e.cost = price.cost(e.prompt_tokens, e.completion_tokens) if price is not None else None
+        out.append(e)
     return Estimate(conversations=grid.size(), llms=out, basis=basis)
 
 
