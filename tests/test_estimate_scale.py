@@ -246,3 +246,16 @@ def test_ctrl_c_during_a_dry_run_says_interrupted(monkeypatch) -> None:
     assert result.exit_code == 130
     assert "Interrupted." in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("n", [21, 25, 30])
+def test_a_sampled_grid_estimates_every_call(n: int) -> None:
+    """Over 400 conditions the estimate samples them; its calls are still the grid's (they
+    were 2,000 for 2,205 and 4,000 for 3,125: a weight rounded per call)."""
+    exp = load_experiment(PRISON_ONE)
+    grid = make_grid(
+        exp, llms=["scripted"], messages=4, days=1, agents=f"guard={n},prisoner={n}",
+        speakers=["round_robin"], every_combination=True,
+    )  # fmt: skip
+    assert grid.size() > 400
+    assert estimate(exp, grid).calls == grid.llm_calls() == 5 * n * n
