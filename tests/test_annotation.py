@@ -35,6 +35,14 @@ def stored(db):
     return store, exp
 
 
+def write_sheet(out: Path, rows: list[dict]) -> None:
+    """The sheet as an annotator saves it after filling it in."""
+    with out.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def humans(store: Store) -> list:
     return [s for s in store.list_scores() if s.source.startswith("human:")]
 
@@ -90,10 +98,7 @@ def test_a_sheet_with_bad_rows_is_refused_naming_them_and_nothing_is_stored(
     for row, answer in zip(rows, ["Yes", "Maybe", "No", "No"], strict=True):
         row["goal_achieved"] = answer
     rows[3]["item_id"] = rows[3]["item_id"][:-4] + "9999"
-    with out.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_sheet(out, rows)
     with pytest.raises(SheetRejected) as info:
         import_sheet(store, out, "ben")
     message = str(info.value)
@@ -124,10 +129,7 @@ def test_a_row_whose_id_names_no_sheet_is_one_problem_and_the_annotator_must_mat
     for row in rows:
         row["goal_achieved"] = "Yes"
     rows[1]["item_id"] = "ffffffffffff-0001"
-    with out.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_sheet(out, rows)
     with pytest.raises(SheetRejected) as info:
         import_sheet(store, out, "cara")
     message = str(info.value)
@@ -168,10 +170,7 @@ def test_answers_for_deleted_conversations_are_not_stored(db, stored, tmp_path):
     rows = list(csv.DictReader(out.open(encoding="utf-8")))
     for row in rows:
         row["goal_achieved"] = "Yes"
-    with out.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_sheet(out, rows)
     store.delete_conversation(rows[2]["conversation_id"])
     with pytest.raises(SheetRejected) as info:
         import_sheet(store, out, "eve")
@@ -203,18 +202,12 @@ def test_blind_sample_hides_conditions_and_turns_are_checked(
     assert list(rows[0]) == ["item_id", "transcript", "turn_goal_achieved"]
     for row, answer in zip(rows, ["2", "none", "7"], strict=True):
         row["turn_goal_achieved"] = answer
-    with out.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_sheet(out, rows)
     with pytest.raises(SheetRejected, match=r"row 4 .*'7' is not an allowed answer"):
         import_sheet(store, out, "cleo")
     assert db["scores"].count_documents({}) == 0
     rows[2]["turn_goal_achieved"] = "6"
-    with out.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_sheet(out, rows)
     assert import_sheet(store, out, "cleo").answers == 3
     values = sorted(str(s.value) for s in humans(store))
     assert values == ["first", "none", "third"]  # turns 2 and 6 of 6, reported in thirds
