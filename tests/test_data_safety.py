@@ -188,8 +188,9 @@ def test_delete_goes_batch_by_batch_without_a_list_of_every_id(watched, db):
     assert seen[-1] == (301, 301) and len(seen) >= 3  # progress after each batch
     deletes = commands.named("delete")
     # per batch: messages, summaries, selector calls, scores, conversations, the batch; then
-    # the one conversation without a batch (5) and the experiment: not one per conversation
-    assert len(deletes) <= 2 * 6 + 5 + 1, len(deletes)
+    # the one conversation without a batch (5), the experiment and its annotation sheets:
+    # not one per conversation
+    assert len(deletes) <= 2 * 6 + 5 + 2, len(deletes)
     longest_in = max(_longest_in(body) for body in commands.named("delete", "find", "aggregate"))
     assert longest_in <= 1, f"a $in over {longest_in} ids"
     assert counts(db) == dict.fromkeys(counts(db), 0)
