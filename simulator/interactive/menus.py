@@ -34,6 +34,7 @@ from simulator.store import (
     Store,
     conversation_filter,
     parse_where,
+    plural,
 )
 
 _BACK = "__back__"
@@ -297,7 +298,7 @@ class Menus:
         )
         self.q.say(
             f"roles: {', '.join(r.name for r in exp.roles)} · LLMs: "
-            f"{', '.join(s.label for s in exp.llms)} · {conversations} conversations"
+            f"{', '.join(s.label for s in exp.llms)} · {plural(conversations, 'conversation')}"
             + (f"\nnote: {exp.note}" if exp.note else "")
         )
 
@@ -330,20 +331,22 @@ class Menus:
             for fmt in formats:
                 result = export(self.store, exp.id or "", fmt, out_dir, kind="experiment")
                 self.q.say(
-                    f"{fmt}: {result.conversations} conversations, "
+                    f"{fmt}: {plural(result.conversations, 'conversation')}, "
                     f"{len(result.files)} files in {out_dir}."
                 )
 
     def delete(self, exp: Experiment, conversations: int) -> bool:
         if not self.q.confirm(
-            f"Delete experiment '{exp.name}' ({exp.id}) with its {conversations} conversations "
+            f"Delete experiment '{exp.name}' ({exp.id}) with its "
+            f"{plural(conversations, 'conversation')} "
             "and their messages?",
             default=False,
         ):
             return False
         counts = self.store.delete_experiment(exp.id or "")
         self.q.say(
-            f"Deleted {exp.id}: {counts.conversations} conversations, {counts.messages} messages."
+            f"Deleted {exp.id}: {plural(counts.conversations, 'conversation')}, "
+            f"{plural(counts.messages, 'message')}."
         )
         return True
 

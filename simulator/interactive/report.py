@@ -7,7 +7,7 @@ from pathlib import Path
 
 from simulator.experiment import Experiment
 from simulator.interactive.questions import Choice, Questions
-from simulator.store import Store
+from simulator.store import Store, plural
 
 CONDITIONS = ("llm", "days", "messages", "speaker_selection", "repetition")
 
@@ -33,6 +33,6 @@ def ask_report(store: Store, q: Questions, exp: Experiment) -> None:
     for notice in result.notices:
         q.say(notice, style="yellow")
     q.say(
-        f"Report of {result.conversations} conversations ({result.analysed} analysed): "
+        f"Report of {plural(result.conversations, 'conversation')} ({result.analysed} analysed): "
         f"{len(result.tables)} tables, {len(result.figures)} figure files. Open {result.html}"
     )
