@@ -65,6 +65,7 @@ from simulator.store import (
     ConversationRecord,
     Lease,
     Store,
+    plural,
 )
 
 log = logging.getLogger(__name__)
@@ -818,7 +819,7 @@ class _BatchRun:
         status, reason = self.final_status(counts)
         note = None
         if others:  # the last worker to leave sets the batch's status
-            still = f"{display_plural(others, 'other worker')} {'is' if others == 1 else 'are'}"
+            still = f"{plural(others, 'other worker')} {'is' if others == 1 else 'are'}"
             if status in (BatchStatus.COMPLETED, BatchStatus.COMPLETED_WITH_FAILURES):
                 note = (
                     f"Every conversation of batch {batch.id} has ended; {still} still leaving, "
@@ -925,10 +926,6 @@ class _Outcome:
             return None
         with self.lock:
             return dataclasses.replace(self.sums, failures=list(self.failures))
-
-
-def display_plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _with_manual_lock(options: RunOptions) -> RunOptions:

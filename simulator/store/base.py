@@ -31,6 +31,7 @@ class StoreBase:
         self._scores = db["scores"]
         self._annotation_sheets = db["annotation_sheets"]
         self._leases: dict[str, Lease] = {}  # batches this Store runs now, by id
+        self._notices_given: set[str] = set()  # said once per Store (Experiments._told)
 
     def server_client(self) -> pymongo.MongoClient:
         """The client of the store's server, to read another database on it (import-legacy)."""

@@ -139,12 +139,10 @@ class Experiments(Batches, Conversations):
 
     def _told(self, match: _Match) -> dict:
         """The matched document, after telling its notice (once per Store)."""
-        if match.notice:
-            given: set[str] = self.__dict__.setdefault("_notices_given", set())
-            if match.notice not in given:
-                given.add(match.notice)
-                if self.on_notice is not None:
-                    self.on_notice(match.notice)
+        if match.notice and match.notice not in self._notices_given:
+            self._notices_given.add(match.notice)
+            if self.on_notice is not None:
+                self.on_notice(match.notice)
         return match.doc
 
     def _match_experiment(self, ref: str) -> _Match | _Miss:
