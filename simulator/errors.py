@@ -10,6 +10,14 @@ class SimulatorError(Exception):
 class UserError(SimulatorError):
     """A mistake the user can fix; the CLI prints the message (no traceback) and exits 1."""
 
+    def reworded(self, message: str) -> UserError:
+        """The same kind of error with another message (a plain UserError for a kind whose
+        constructor takes other arguments): callers that tell the kinds apart still can."""
+        try:
+            return type(self)(message)
+        except TypeError:
+            return UserError(message)
+
 
 class ValidationError(UserError):
     """An experiment definition (YAML or values) is invalid."""

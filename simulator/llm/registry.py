@@ -224,13 +224,9 @@ def preflight(
     if failed:  # every problem at once: fixing one must not only reveal the next
         problems = "\n".join(f"- {spec.label}: {e}" for spec, e in failed)
         message = f"{len(failed)} LLMs cannot be used yet:\n{problems}"
-        kinds = {type(e) for _, e in failed}
-        kind = kinds.pop() if len(kinds) == 1 else UserError  # e.g. every endpoint down
-        try:
-            error = kind(message)
-        except TypeError:  # an error class with other arguments: the message counts
-            error = UserError(message)
-        raise error from None
+        # one kind (e.g. every endpoint down) keeps its kind; a mixture is a plain UserError
+        same = len({type(e) for _, e in failed}) == 1
+        raise (failed[0][1].reworded(message) if same else UserError(message)) from None
     return warnings
 
 

@@ -315,11 +315,7 @@ class ScoringRun:
             if isinstance(outcome, UserError):
                 judges = ", ".join(repr(n) for n in names)
                 message = f"Scoring did not start. Judge {judges} ({spec.label}): {outcome}"
-                try:
-                    error = type(outcome)(message)
-                except TypeError:  # an error class with other arguments: the message counts
-                    error = UserError(message)
-                raise error from None
+                raise outcome.reworded(message) from None
             warnings += outcome
         for warning in warnings:
             log.info(warning)  # the log file keeps it; the front end shows the event
